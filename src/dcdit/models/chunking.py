@@ -1,0 +1,101 @@
+"""Chunking: tail-dropping and the gather of kept tokens into a shorter sequence (paper §3.3).
+
+The result of routing + chunking is a :class:`RoutingRecord`, returned by the model's forward (never
+cached on the module) for the ratio loss, the FLOP counter and the visualisations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingRecord:
+    """What the router decided for one batch. B samples, L = H·W tokens, M = max kept count.
+
+    p:            (B, L) float32 boundary probabilities.
+    natural_mask: (B, L) bool, the router's decision before tail-dropping (ratio loss, STE).
+    kept_mask:    (B, L) bool, the tokens that entered the inner blocks.
+    kept_idx:     (B, M) long, the grid index of each inner slot: the sample's kept tokens in raster
+                  order, then padding filled with its next-highest-p non-kept tokens.
+    kept_count:   (B,) long, real kept tokens per sample (slots ≥ kept_count are padding).
+    grid:         (H, W).
+    """
+
+    p: torch.Tensor
+    natural_mask: torch.Tensor
+    kept_mask: torch.Tensor
+    kept_idx: torch.Tensor
+    kept_count: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def slot_mask(self) -> torch.Tensor:
+        """(B, M) bool: True where the slot holds a real kept token."""
+        slots = torch.arange(self.kept_idx.shape[1], device=self.kept_idx.device)
+        return slots[None] < self.kept_count[:, None]
+
+    @property
+    def compression_ratio(self) -> torch.Tensor:
+        """(B,) L / kept tokens: the effective downsampling of each sample."""
+        return self.p.shape[1] / self.kept_count.float()
+
+    @property
+    def natural_compression_ratio(self) -> torch.Tensor:
+        """(B,) L / natural boundary count (before tail-dropping)."""
+        return self.p.shape[1] / self.natural_mask.sum(1).float()
+
+    def split(self, sections: int) -> list["RoutingRecord"]:
+        """Split along the batch (e.g. the [cond; uncond] halves of a CFG batch)."""
+        parts = zip(*(t.chunk(sections) for t in (self.p, self.natural_mask, self.kept_mask, self.kept_idx, self.kept_count)))
+        return [RoutingRecord(*fields, grid=self.grid) for fields in parts]
+
+
+def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tensor) -> torch.Tensor:
+    """Drop the ⌊f·n⌋ lowest-p boundaries of each sample (elastic inference, SPEC §1.5).
+
+    p, mask: (B, L); fraction: a float or a (B,) tensor in [0, 1). Returns the kept mask (B, L).
+    Equal p values are dropped lowest grid index first. ⌊f·n⌋ is taken with a 1e-6 tolerance so that
+    decimal fractions such as 0.29·100 give 29, not 28.
+    """
+    B, L = p.shape
+    f = torch.as_tensor(fraction, dtype=torch.float64, device=p.device).expand(B)
+    if ((f < 0) | (f >= 1)).any():
+        raise ValueError(f"tail_dropping_fraction must lie in [0, 1), got {fraction}")
+    if not (f > 0).any():
+        return mask
+    n = mask.sum(1)
+    n_drop = torch.minimum(torch.floor(f * n.double() + 1e-6).long(), n - 1)  # (B,); one token always stays
+    score = torch.where(mask, p, torch.full_like(p, float("inf")))
+    order = torch.sort(score, dim=1, stable=True).indices  # lowest-p boundaries first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=p.device).expand(B, L))
+    return mask & (rank >= n_drop[:, None])
+
+
+def plan_slots(p: torch.Tensor, kept_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the M = max kept count inner slots of every sample (the paper's padding).
+
+    Returns kept_idx (B, M): kept tokens in raster order, then the next-highest-p non-kept tokens
+    (ties to the lower index), and kept_count (B,).
+    """
+    B, L = p.shape
+    kept_count = kept_mask.sum(1)
+    M = int(kept_count.max())
+    idx = torch.arange(L, device=p.device, dtype=torch.float64).expand(B, L)
+    key = torch.where(kept_mask, idx, L + 1.0 - p.double())  # kept first (raster), then by p descending
+    kept_idx = torch.sort(key, dim=1, stable=True).indices[:, :M]
+    return kept_idx, kept_count
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D), idx (B, M) -> (B, M, D)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def route_and_plan(p, natural_mask, fraction, grid) -> RoutingRecord:
+    """Tail-drop the natural boundaries and plan the inner slots: the complete routing decision."""
+    kept_mask = tail_drop(p, natural_mask, fraction)
+    kept_idx, kept_count = plan_slots(p, kept_mask)
+    return RoutingRecord(p, natural_mask, kept_mask, kept_idx, kept_count, tuple(grid))

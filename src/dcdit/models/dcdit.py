@@ -1,0 +1,163 @@
+"""DC-DiT: the Dynamic Chunking Diffusion Transformer (Haridas et al. 2026, arXiv 2603.06351, §3).
+
+Every latent pixel is a token (P = 1). The forward pass is the paper's six steps:
+
+    encode → route → chunk → inner DiT blocks → de-chunk → decode
+
+Shapes: B batch, C channels, (H, W) grid, L = H·W tokens, D width, d = D/4 conv width, M kept tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .chunking import RoutingRecord, gather_tokens, route_and_plan
+from .conv_blocks import ConvStage
+from .dechunking import DeChunk
+from .dit_block import DiTBlock, FinalLayer
+from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .guidance import guide
+from .input_checks import as_grid, check_inputs
+from .router import build_router
+
+
+def straight_through(x: torch.Tensor) -> torch.Tensor:
+    """Exactly 1 in the forward pass; passes the gradient to x unchanged (Bengio et al. 2013; H-Net)."""
+    return x - x.detach() + 1.0
+
+
+class DCDiT(nn.Module):
+    """x (B, C, H, W), t (B,), y (B,) -> (prediction (B, 2C, H, W), RoutingRecord)."""
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        in_channels: int = 4,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        timestep_freq_shift: float = 0.0,
+        encoder_width: int | None = None,
+        encoder_blocks: int = 2,
+        decoder_blocks: int = 2,
+        conv_norm_groups: int = 32,
+        router: str = "cosine",
+        target_ratio: float = 4.0,
+        dechunk_sigma: float = 1.0,
+        residual_init: str = "zero",
+        mask_padding: bool = True,
+        cond_adaptor: bool = False,
+    ):
+        super().__init__()
+        D = hidden_size
+        d = encoder_width or D // 4
+        if residual_init not in ("zero", "xavier"):
+            raise ValueError(f"residual_init must be 'zero' (H-Net) or 'xavier' (the authors' release), got {residual_init!r}")
+        if encoder_blocks < 1 or decoder_blocks < 1:
+            raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
+        self.grid = as_grid(input_size)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.residual_init = residual_init
+        self.mask_padding = mask_padding
+
+        # Conditioning and the P = 1 embedder (3×3 "same" conv C → d).
+        self.x_embedder = PatchEmbed(in_channels, d, kernel_size=3, stride=1, padding=1)
+        self.t_embedder = TimestepEmbedder(D, downscale_freq_shift=timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob)
+        # 1. Encoder at d, its last block projecting up to D.
+        enc = [(d, d, d)] * (encoder_blocks - 1) + [(d, d, D)]
+        self.encoder = ConvStage(enc, D, conv_norm_groups, cond_adaptor)
+        # 2. Router.  3. Chunking has no parameters; positions are a fixed 2D sin-cos table.
+        self.router = build_router(router, D, target_ratio)
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(D, self.grid)).float()
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, L, D)
+        # 4. Inner network: the DiT blocks of the baseline.
+        self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])
+        # 5. De-chunking, and the residual around the inner network (kept in fp32).
+        self.dechunk = DeChunk(dechunk_sigma)
+        self.residual_proj = nn.Linear(D, D)
+        # 6. Decoder at d, its first block projecting D down; DiT's final layer (cond width D).
+        dec = [(D, d, d)] + [(d, d, d)] * (decoder_blocks - 1)
+        self.decoder = ConvStage(dec, D, conv_norm_groups, cond_adaptor)
+        self.final_layer = FinalLayer(d, 1, self.out_channels, cond_size=D)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's scheme (Xavier Linears, zero adaLN gates and output) plus the router's own init
+        (identity projections, averaging kernel) and the residual projection: weight zero as in
+        H-Net (``residual_init="zero"``, default) or Xavier as the authors' release ends up with."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.constant_(layer.weight, 0)
+            nn.init.constant_(layer.bias, 0)
+        if hasattr(self.router, "reset_parameters"):
+            self.router.reset_parameters()
+        if self.residual_init == "zero":
+            nn.init.constant_(self.residual_proj.weight, 0)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tail_dropping_fraction: float | torch.Tensor = 0.0
+    ) -> tuple[torch.Tensor, RoutingRecord]:
+        check_inputs(
+            x, t, y, in_channels=self.in_channels, grid=self.grid,
+            num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
+        )
+        B = x.shape[0]
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+
+        h = self.encoder(self.x_embedder.proj(x), c)  # 1. encode: (B, L, D)
+        p, natural = self.router(h, self.grid)  # 2. route: (B, L) each
+        record = route_and_plan(p, natural, tail_dropping_fraction, self.grid)
+
+        z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
+        z = z + self.pos_embed[0][record.kept_idx]
+        kv_mask = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
+        for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
+            z = block(z, c, kv_mask)
+
+        z = self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            selected_p = torch.where(record.natural_mask, record.p, 1 - record.p)  # (B, L)
+            z = z * straight_through(selected_p)[..., None] + self.residual_proj(h.float())
+
+        out = self.decoder(z.transpose(1, 2).reshape(B, -1, *self.grid), c)  # 6. decode: (B, L, d)
+        out = self.final_layer(out, c)  # (B, L, C_out)
+        return out.transpose(1, 2).reshape(B, self.out_channels, *self.grid), record
+
+    def forward_with_cfg(
+        self, x, t, y, cfg_scale: float, tail_dropping_fraction: float = 0.0,
+        uncond_tail_dropping_fraction: float | None = None, guidance_channels: int | None = None,
+    ):
+        """Classifier-free guidance on a [cond; uncond] batch of size 2B (DiT's convention).
+
+        Lite-CFG: ``uncond_tail_dropping_fraction`` gives the unconditional half its own, usually
+        larger, tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond)."""
+        half = x[: len(x) // 2]
+        n = len(half)
+        f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
+        fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, device=x.device)
+        out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions)
+        return guide(out, cfg_scale, self.in_channels, guidance_channels), record

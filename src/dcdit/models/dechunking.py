@@ -1,0 +1,61 @@
+"""De-chunking: back from the M kept tokens to the full H×W grid (paper §3.4).
+
+1. Confidence-weighted Gaussian smoothing over the real kept tokens (p clamped to [1e-4, 1 − 1e-4]):
+   W_ij = exp(−d²_ij / 2σ²) · p_j,  W̃ = W / Σ_j W_ij,  h̃_i = Σ_j W̃_ij h_j,  out_i = p_i h_i + (1 − p_i) h̃_i,
+   with d_ij the Euclidean distance of the tokens' grid positions (j runs over every kept token, i included).
+2. Plug-back: each of the L grid positions takes ``out`` of its nearest kept token (Euclidean on the
+   grid; ties go to the lowest grid index).
+
+Both run in float32 even under autocast. This is the direct O(M²) + O(L·M) form, as in the release.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .chunking import RoutingRecord, gather_tokens
+
+
+def grid_coords(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Raster indices (...,) -> (..., 2) float (row, col)."""
+    W = grid[1]
+    return torch.stack([torch.div(idx, W, rounding_mode="floor"), idx % W], dim=-1).float()
+
+
+def nearest_kept_slot(record: RoutingRecord) -> torch.Tensor:
+    """(B, L) long: for every grid position, the inner slot of its nearest real kept token.
+
+    Real kept tokens occupy the first slots in raster order, and argmin returns the first minimum,
+    so ties resolve to the lowest grid index. Squared distances of integer coordinates are exact.
+    """
+    H, W = record.grid
+    all_pos = grid_coords(torch.arange(H * W, device=record.kept_idx.device), record.grid)  # (L, 2)
+    kept_pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
+    d2 = ((all_pos[None, :, None, :] - kept_pos[:, None, :, :]) ** 2).sum(-1)  # (B, L, M)
+    d2 = d2.masked_fill(~record.slot_mask[:, None, :], float("inf"))
+    return d2.argmin(dim=-1)
+
+
+class DeChunk(nn.Module):
+    """z (B, M, D) inner outputs + routing record -> (B, L, D) on the full grid."""
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        self.sigma = sigma
+
+    def smooth(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Gaussian smoothing over the real kept tokens: (B, M, D) -> (B, M, D)."""
+        p = record.p.gather(1, record.kept_idx).clamp(1e-4, 1 - 1e-4)  # (B, M)
+        pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
+        d2 = ((pos[:, :, None, :] - pos[:, None, :, :]) ** 2).sum(-1)  # (B, M, M)
+        w = torch.exp(-d2 / (2 * self.sigma**2)) * p[:, None, :]
+        w = w * record.slot_mask[:, None, :]  # padding slots are not sources
+        w = w / w.sum(-1, keepdim=True)
+        h_tilde = torch.bmm(w, z)
+        return p[..., None] * z + (1 - p[..., None]) * h_tilde
+
+    def forward(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self.smooth(z.float(), record)
+            return gather_tokens(out, nearest_kept_slot(record))

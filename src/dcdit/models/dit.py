@@ -1,0 +1,114 @@
+"""DiT: the fixed-patch Diffusion Transformer baseline (Peebles & Xie 2023).
+
+Architecture and state-dict layout are those of the official release, so ``DiT-XL-2-256x256.pt``
+loads with ``strict=True``. Differences that do not change a single parameter name: non-square
+grids (``input_size=(h, w)``), an optional diffusers-style timestep-frequency convention
+(``timestep_freq_shift=1``), and guidance on all ε channels by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .dit_block import DiTBlock, FinalLayer
+from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .guidance import guide
+from .input_checks import as_grid, check_inputs
+
+
+class DiT(nn.Module):
+    """x (B, C, H, W), t (B,), y (B,) -> (B, 2C, H, W) when ``learn_sigma`` (ε and variance), else (B, C, H, W).
+
+    ``input_size`` is the latent grid (an int or (h, w)); both sides must be divisible by ``patch_size``.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        timestep_freq_shift: float = 0.0,
+    ):
+        super().__init__()
+        self.grid = as_grid(input_size)
+        if self.grid[0] % patch_size or self.grid[1] % patch_size:
+            raise ValueError(f"input_size {self.grid} is not divisible by patch_size {patch_size}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.token_grid = (self.grid[0] // patch_size, self.grid[1] // patch_size)
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, downscale_freq_shift=timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.token_grid[0] * self.token_grid[1]
+        # A parameter (not a buffer) that never trains: this is where the official checkpoint keeps it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier Linears, fixed sin-cos positions, zero adaLN gates and output."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.token_grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h·w, P²·C) -> (B, C, h·P, w·P); non-square grids keep h and w apart."""
+        c, p = self.out_channels, self.patch_size
+        h, w = self.token_grid
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_inputs(
+            x, t, y, in_channels=self.in_channels, grid=self.grid,
+            num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
+        )
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)  # (B, T, P²·C_out)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guidance_channels: int | None = None):
+        """Batch [cond; uncond] of size 2B (the uncond half's y = num_classes). The first half of x is
+        fed to both branches; both output halves hold the guided ε (the DiT sampling convention)."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return guide(out, cfg_scale, self.in_channels, guidance_channels)
