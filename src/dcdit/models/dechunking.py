@@ -50,8 +50,11 @@ class DeChunk(nn.Module):
         pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
         d2 = ((pos[:, :, None, :] - pos[:, None, :, :]) ** 2).sum(-1)  # (B, M, M)
         w = torch.exp(-d2 / (2 * self.sigma**2)) * p[:, None, :]
-        w = w * record.slot_mask[:, None, :]  # padding slots are not sources
-        w = w / w.sum(-1, keepdim=True)
+        real = record.slot_mask  # (B, M)
+        w = w * real[:, None, :]  # padding slots are not sources
+        # A real row always has W_ii = p_i > 0. A padding row (never read by plug-back) may underflow
+        # to an all-zero row: add 1 to its denominator so no 0/0 reaches the backward pass.
+        w = w / (w.sum(-1, keepdim=True) + (~real)[..., None])
         h_tilde = torch.bmm(w, z)
         return p[..., None] * z + (1 - p[..., None]) * h_tilde
 
