@@ -8,9 +8,13 @@ every other key overrides a field; unknown keys are refused with the list of val
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 import torch.nn as nn
+import yaml
 
 
 @dataclass
@@ -81,6 +85,52 @@ PAPER_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.0, "DiT-L/2": 458.0, "DiT-XL/2
                   "DC-DiT-B/N4": 138.0, "DC-DiT-B/N16": 138.0, "DC-DiT-XL/N4": 690.0, "DC-DiT-XL/N16": 690.0}
 
 
+def _coerce(value, hint, key: str):
+    """Check/convert one config value against its field type (YAML reads ``1e-4`` as a string)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ValueError:
+                    continue
+        raise ValueError(f"config key {key}: {value!r} is not a valid {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # lists, tuples, nested sections: checked by their own code
+        return value
+    raise ValueError(f"config key {key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _typed_kwargs(cls, d: dict, where: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()}
+
+
 def get_preset(name: str) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
@@ -109,7 +159,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
         raise ValueError(f"preset {preset!r} is arch {base.arch!r}, but the config says arch {d['arch']!r}")
     if isinstance(d.get("input_size"), list):
         d["input_size"] = tuple(d["input_size"])
-    return dataclasses.replace(base, **d)
+    return dataclasses.replace(base, **_typed_kwargs(type(base), d, "model"))
 
 
 def build_model(config: ModelConfig | dict | str) -> nn.Module:
@@ -126,6 +176,172 @@ def build_model(config: ModelConfig | dict | str) -> nn.Module:
     return {"dit": DiT, "dcdit": DCDiT}[arch](**kwargs)
 
 
+def model_config_to_dict(config: ModelConfig) -> dict:
+    d = dataclasses.asdict(config)
+    if isinstance(d.get("input_size"), tuple):
+        d["input_size"] = list(d["input_size"])
+    return d
+
+
 def count_parameters(model: nn.Module) -> int:
     """All parameters, including DiT's frozen ``pos_embed`` (as the DiT release counts them)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs: model + data + train + sample, read from YAML with `_base_` inheritance.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """``name``: "mnist" (the embedded default, pixel space) or "latents" (``dcdit extract-features``)."""
+
+    name: str = "mnist"
+    root: str | None = None  # latents folder
+    flip: bool | None = None  # None: the data set's default (latents: True, MNIST: False)
+    vae: str | None = None  # VAE id/path the latents were made with (checked against their meta.json)
+    latent_scale: float | None = None
+
+
+@dataclass
+class MultiBudgetConfig:
+    """Multi-budget training (SPEC §2): from ``start_step`` on, each step draws one tail-drop
+    fraction uniformly from ``fractions``."""
+
+    fractions: list[float] = field(default_factory=list)
+    start_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000
+    global_batch_size: int = 256
+    micro_batch_size: int | None = None  # per device and forward pass; None = global / world size
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    ratio_loss_weight: float = 0.03
+    ratio_batch_size: int = 16
+    multi_budget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 2  # checkpoints kept besides the final one
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"  # "ddpm" or "ddim"
+    num_sampling_steps: int = 250
+    cfg_scale: float = 1.5
+    guidance_channels: int | None = None  # 3 reproduces the DiT release's first-3-channels guidance
+    tail_dropping_fraction: float = 0.0
+    uncond_tail_dropping_fraction: float | None = None  # Lite-CFG: the unconditional half's fraction
+    use_ema: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=DCDiTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+def _dataclass_from_dict(cls, d: dict, where: str):
+    valid = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; valid keys in {where}: {', '.join(valid)}")
+    kwargs = _typed_kwargs(cls, d, where)
+    if "multi_budget" in kwargs:
+        kwargs["multi_budget"] = _dataclass_from_dict(MultiBudgetConfig, kwargs["multi_budget"] or {}, f"{where}.multi_budget")
+    if "fractions" in kwargs:
+        kwargs["fractions"] = [_coerce(f, float, f"{where}.fractions") for f in kwargs["fractions"]]
+    return cls(**kwargs)
+
+
+def run_config_from_dict(d: dict) -> RunConfig:
+    unknown = sorted(set(d) - {"model", *_SECTIONS})
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {unknown}; valid: model, {', '.join(_SECTIONS)}")
+    cfg = RunConfig(model=model_config_from_dict(d.get("model") or {}))
+    for name, cls in _SECTIONS.items():
+        setattr(cfg, name, _dataclass_from_dict(cls, d.get(name) or {}, name))
+    return cfg
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["model"] = model_config_to_dict(cfg.model)
+    return d
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_with_bases(path: str | os.PathLike) -> dict:
+    """A YAML file as a dict; ``_base_: other.yaml`` (or a list of them, relative to the file) is
+    read first and deep-merged under it. A bare name is also looked up among the packaged configs."""
+    path = resolve_config_path(path)
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    bases = d.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = _deep_merge(merged, read_yaml_with_bases(base_path))
+    return _deep_merge(merged, d)
+
+
+def resolve_config_path(path: str | os.PathLike) -> str:
+    """A path, or the name of a packaged config (``mnist`` / ``mnist.yaml`` / ``DC-DiT-B-N4``)."""
+    if os.path.exists(path):
+        return str(path)
+    name = os.path.basename(str(path))
+    name = name if name.endswith(".yaml") else name + ".yaml"
+    packaged = os.path.join(os.path.dirname(__file__), "configs", name)
+    if os.path.exists(packaged):
+        return packaged
+    available = sorted(f[:-5] for f in os.listdir(os.path.dirname(packaged)) if f.endswith(".yaml"))
+    raise FileNotFoundError(f"config {str(path)!r} not found (neither a file nor a packaged config: {', '.join(available)})")
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (with ``_base_``), apply ``section.key=value`` overrides, validate."""
+    d = read_yaml_with_bases(path) if path is not None else {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = d
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return run_config_from_dict(d)
+
+
+def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(run_config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,334 @@
+"""The ``dcdit`` command: train, sample, sample-ddp, extract-features, demo, presets.
+
+Every subcommand's ``--help`` stands on its own. Config overrides are ``section.key=value`` words
+after the config, e.g. ``dcdit train mnist train.steps=2000 model.depth=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "mnist_dcdit.safetensors"
+MNIST_DIGITS = list(range(10))
+
+
+# ------------------------------------------------------------------------------------------ presets
+def cmd_presets(args) -> int:
+    from .config import MODEL_PRESETS, PAPER_PARAMS_M, build_model, count_parameters
+
+    print(f"{'preset':<15} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
+    for name, cfg in MODEL_PRESETS.items():
+        with torch.device("meta"):
+            n = count_parameters(build_model(cfg)) / 1e6
+        paper = PAPER_PARAMS_M.get(name)
+        diff = f"{100 * (n - paper) / paper:+.1f}%" if paper else ""
+        tokens = f"P={cfg.patch_size}" if cfg.arch == "dit" else f"N={cfg.target_ratio:g}"
+        print(f"{name:<15} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
+              f"{n:>11.1f} {paper if paper else '':>10} {diff:>7}")
+    print("\nParameters include DiT's fixed pos_embed (as the DiT release counts them). DC-DiT counts are at a "
+          "32x32 latent grid (256 px); paper figures: DiT (Peebles & Xie 2023), DC-DiT (arXiv 2603.06351 §4.1).")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> int:
+    from .config import load_run_config
+    from .train import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    out = args.out or os.path.join("runs", Path(args.config).stem)
+    summary = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ sample
+def _load_for_sampling(args):
+    from .checkpoint import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, step = load_model(args.ckpt, use_ema=not args.raw_weights, device=device)
+    return model, cfg, step, device
+
+
+def _decoder_for(cfg, vae_arg: str | None, device):
+    """A function mapping model-space samples to images in [-1, 1]: identity for pixel data,
+    the VAE decoder for latents (its id and scale must match the ones the data was made with)."""
+    if cfg.data.name != "latents":
+        return lambda x: x
+    vae_id = vae_arg or cfg.data.vae
+    if not vae_id:
+        raise ValueError("this model was trained on latents: pass --vae (the AutoencoderKL path or hub id used by extract-features)")
+    if cfg.data.vae and vae_arg and vae_arg != cfg.data.vae:
+        raise ValueError(f"--vae {vae_arg!r} differs from the VAE the training latents were made with ({cfg.data.vae!r})")
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval()
+    scale = cfg.data.latent_scale or 0.18215
+
+    @torch.no_grad()
+    def decode(z):
+        return vae.decode(z.to(device) / scale).sample.clamp(-1, 1).cpu()
+
+    return decode
+
+
+def _labels(args, num_classes: int) -> torch.Tensor:
+    classes = args.classes if args.classes else list(range(min(num_classes, 10)))
+    return torch.tensor([c for c in classes for _ in range(args.per_class)], dtype=torch.long)
+
+
+def _sampling_settings(args, cfg, step) -> dict:
+    return {
+        "ckpt": str(args.ckpt), "ckpt_step": step, "weights": "raw" if args.raw_weights else "ema",
+        "sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale,
+        "guidance_channels": args.guidance_channels, "tail_dropping_fraction": args.tail_dropping_fraction,
+        "lite_cfg": args.lite_cfg,
+        "uncond_tail_dropping_fraction": args.uncond_tail_dropping_fraction if args.lite_cfg else None,
+        "seed": args.seed, "model": cfg.model.__dict__, "data": cfg.data.__dict__,
+    }
+
+
+def sample_to_folder(args) -> dict:
+    """Generate, decode and write the grid, chunking visualisation, compression plot and settings."""
+    from .sampling import generate, save_settings_json
+    from .viz import plot_chunking, plot_compression_vs_timestep, save_image_grid
+
+    model, cfg, step, device = _load_for_sampling(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = _labels(args, model.num_classes)
+    t0 = time.time()
+    result = generate(
+        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
+        guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
+        uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
+        seed=args.seed, device=device, progress=not args.no_progress,
+    )
+    seconds = time.time() - t0
+    decode = _decoder_for(cfg, args.vae, device)
+    images = decode(result.samples)
+    files = {"grid": str(save_image_grid(images, out / "samples.png", nrow=args.per_class if args.per_class > 1 else 10))}
+    if result.snapshots:
+        files["chunking_viz"] = str(plot_chunking(result, out / "chunking_viz.png", decode=decode if cfg.data.name == "latents" else None))
+        files["compression_plot"] = str(plot_compression_vs_timestep(result, out / "compression_vs_timestep.png"))
+    settings = _sampling_settings(args, cfg, step)
+    settings.update({"labels": labels.tolist(), "device": str(device), "seconds": seconds, "files": files})
+    if result.trace and "kept" in result.trace[0]:
+        kept = torch.stack([torch.as_tensor(e["kept"]).float() for e in result.trace])  # (steps, B)
+        settings["mean_tokens_kept_per_step"] = float(kept.mean())
+        settings["mean_compression_ratio"] = float((result.trace[0]["tokens"] / kept).mean())
+    save_settings_json(out / "settings.json", settings)
+    return settings
+
+
+def cmd_sample(args) -> int:
+    settings = sample_to_folder(args)
+    print(json.dumps(settings["files"], indent=2))
+    print(f"wrote {args.out} in {settings['seconds']:.1f} s")
+    return 0
+
+
+def cmd_sample_ddp(args) -> int:
+    """Sharded generation for FID: every rank writes its PNGs; rank 0 packs the ADM .npz."""
+    import numpy as np
+    from PIL import Image
+
+    from . import distributed as D
+    from .sampling import generate, save_settings_json, to_uint8_images, write_npz
+
+    info = D.setup(args.device)
+    args.device = str(info.device)
+    model, cfg, step, device = _load_for_sampling(args)
+    decode = _decoder_for(cfg, args.vae, device)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n, per = args.num_samples, args.batch_size
+    label_gen = torch.Generator().manual_seed(args.seed)
+    all_labels = torch.randint(0, model.num_classes, (n,), generator=label_gen)  # class-balanced in expectation
+    my_batches = [range(s, min(s + per, n)) for s in range(info.rank * per, n, per * info.world_size)]
+    from tqdm.auto import tqdm
+
+    for idx in tqdm(my_batches, disable=not info.is_main or args.no_progress, desc="sample-ddp"):
+        result = generate(
+            model, all_labels[list(idx)], sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
+            guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
+            uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
+            seed=args.seed * 1_000_003 + idx[0], device=device, num_snapshots=0,
+        )
+        for i, img in zip(idx, to_uint8_images(decode(result.samples))):
+            Image.fromarray(img).save(out / "images" / f"{i:06d}.png")
+    D.barrier()
+    if info.is_main:
+        arr = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB")) for i in range(n)])
+        write_npz(arr, out / "samples.npz")
+        settings = _sampling_settings(args, cfg, step)
+        settings.update({"num_samples": n, "world_size": info.world_size, "npz": str(out / "samples.npz")})
+        save_settings_json(out / "settings.json", settings)
+        print(f"wrote {n} samples to {out / 'images'} and {out / 'samples.npz'} (uint8 {arr.shape})")
+    D.teardown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ features
+def cmd_extract_features(args) -> int:
+    from diffusers import AutoencoderKL
+
+    from .data import extract_features
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+    meta = extract_features(
+        args.images, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
+        shard_size=args.shard_size, vae_id=args.vae, latent_scale=args.latent_scale, device=device,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: meta[k] for k in ("num_images", "num_classes", "latent_shape", "vae_id", "latent_scale")}, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ demo
+def cmd_demo(args) -> int:
+    out = Path(args.out)
+    ckpt = DEMO_CHECKPOINT
+    if args.train:
+        from .config import load_run_config
+        from .train import train
+
+        overrides = [f"train.steps={args.steps}"] if args.steps else []
+        run_dir = out / "train"
+        if (run_dir / "checkpoints" / "latest").exists():
+            print(f"continuing the training run in {run_dir}")
+        train(load_run_config("mnist", overrides), run_dir, resume=(run_dir / "checkpoints" / "latest").exists(),
+              device=args.device, progress=not args.no_progress)
+        ckpt = run_dir
+    elif not ckpt.exists():
+        raise FileNotFoundError(f"the shipped demo checkpoint {ckpt} is missing; run `dcdit demo --train` to train one")
+    sample_args = argparse.Namespace(
+        ckpt=str(ckpt), out=str(out), classes=MNIST_DIGITS, per_class=args.per_class, sampler=args.sampler,
+        steps=args.sampling_steps, cfg_scale=args.cfg_scale, guidance_channels=None, tail_dropping_fraction=0.0,
+        lite_cfg=False, uncond_tail_dropping_fraction=None, seed=args.seed, raw_weights=False, vae=None,
+        device=args.device, no_progress=args.no_progress,
+    )
+    settings = sample_to_folder(sample_args)
+    print(f"\nDC-DiT on MNIST: {len(settings['labels'])} samples of the digits 0-9 in {settings['seconds']:.0f} s")
+    for k, v in settings["files"].items():
+        print(f"  {k:<17} {v}")
+    if "mean_compression_ratio" in settings:
+        print(f"  tokens kept per step: {settings['mean_tokens_kept_per_step']:.0f} of 1024 "
+              f"(mean compression {settings['mean_compression_ratio']:.2f}x)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int = 250) -> None:
+    p.add_argument("--ckpt", required=True, help="a run folder (latest checkpoint), a checkpoint folder, or a .safetensors file")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM (the paper's, default) or DDIM (eta=0)")
+    p.add_argument("--steps", type=int, default=steps_default, help=f"number of sampling steps (default {steps_default})")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = no guidance (default 1.5)")
+    p.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first k ε channels; 3 reproduces the DiT release (default: all channels)")
+    p.add_argument("--tail-dropping-fraction", type=float, default=0.0,
+                   help="drop this fraction of each sample's lowest-p boundary tokens (elastic inference; default 0)")
+    p.add_argument("--lite-cfg", action="store_true", help="Lite-CFG: give the unconditional half its own tail-drop fraction")
+    p.add_argument("--uncond-tail-dropping-fraction", type=float, default=0.9, help="with --lite-cfg: the uncond half's fraction (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--vae", default=None, help="for latent models: AutoencoderKL path or hub id (default: the one recorded at training)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="sample all ten MNIST digits with the shipped DC-DiT checkpoint (CPU, a few minutes)",
+                       description="Sample the digits 0-9 with the small DC-DiT shipped in the package and write the sample grid, "
+                                   "chunking_viz.png (x_t, boundary probabilities, share of tokens kept across timesteps), the "
+                                   "compression-vs-timestep plot and settings.json into one folder. --train retrains it first.")
+    p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
+    p.add_argument("--train", action="store_true", help="retrain the MNIST DC-DiT from scratch with `dcdit train mnist` first")
+    p.add_argument("--steps", type=int, default=None, help="with --train: training steps (default: the mnist config's)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per digit (default 4)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--sampling-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (single process, torchrun or accelerate launch)",
+                       description="Train DC-DiT or DiT. CONFIG is a YAML file or a packaged config name "
+                                   "(mnist, DC-DiT-B-N4, DiT-XL-2, ...). Overrides: section.key=value words, e.g. "
+                                   "train.steps=1000 train.global_batch_size=64 model.depth=4. Multi-GPU: "
+                                   "torchrun --nproc_per_node=8 -m dcdit.cli train CONFIG (or accelerate launch).")
+    p.add_argument("config", help="YAML config path or packaged config name")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate a sample grid, chunking_viz.png and a compression plot from a checkpoint",
+                       description="Generate images of chosen classes from a dcdit checkpoint (EMA weights by default) and "
+                                   "write samples.png, chunking_viz.png, compression_vs_timestep.png and settings.json.")
+    _add_sampling_args(p)
+    p.add_argument("--out", default="samples", help="output folder (default samples)")
+    p.add_argument("--classes", type=int, nargs="*", default=None, help="class labels (default 0..9)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sample-ddp", help="sharded generation for FID: PNG folder + ADM .npz (run under torchrun)",
+                       description="Generate --num-samples images with random class labels across all processes "
+                                   "(torchrun --nproc_per_node=N -m dcdit.cli sample-ddp ...): one PNG per image and "
+                                   "samples.npz (uint8 NxHxWx3, key arr_0) for OpenAI's ADM evaluation suite.")
+    _add_sampling_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=32, help="images per process and forward pass")
+    p.set_defaults(func=cmd_sample_ddp)
+
+    p = sub.add_parser("extract-features", help="encode an image folder into sharded VAE posteriors for training",
+                       description="Encode an ImageFolder-layout folder (one sub-folder per class) with a diffusers "
+                                   "AutoencoderKL (local path or hub id), ADM centre crop, storing the posterior mean and "
+                                   "std of every image and its flip in a few safetensors shards plus meta.json.")
+    p.add_argument("--images", required=True, help="image folder, one sub-folder per class")
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--vae", required=True, help="AutoencoderKL path or hub id, e.g. stabilityai/sd-vae-ft-ema")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--latent-scale", type=float, default=0.18215)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=20_000, help="images per shard")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_extract_features)
+
+    p = sub.add_parser("presets", help="print the model presets and their parameter counts",
+                       description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "
+                                   "its width, depth, heads and parameter count next to the paper's figure.")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dcdit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The training loop: diffusion loss + λ·ratio loss, AdamW, EMA, clipping, DDP, exact resume.
+
+Randomness is a function of (seed, step) only. Every step draws the *global* batch's data order,
+timesteps, noise, label dropout and tail-drop fraction from a generator seeded with (seed, step),
+and each rank takes its slice; a sample's data augmentation is seeded by (seed, step, its position
+in the global batch). Hence
+
+* a resumed run continues exactly where it stopped (the state is model, EMA, optimizer and step), and
+* N processes with micro-batch B/N compute the same update as one process with batch B.
+
+Label dropout is drawn here (not inside the model's label embedder, whose own dropout is switched
+off) for the same reason. The ratio loss is computed per micro-batch in groups of
+``ratio_batch_size`` samples, as the authors' release does per device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .checkpoint import find_checkpoint, load_state_dict_checked, read_weights, save_checkpoint, set_rng_state
+from .config import RunConfig, build_model, model_config_to_dict, save_run_config
+from .data import build_dataset, check_latent_meta, read_latent_meta
+from .diffusion import create_diffusion
+from .models.embedders import LabelEmbedder
+from .ratio_loss import ratio_loss
+
+_MIX = 1_000_003  # spreads (seed, step, index) over seed space
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _MIX + step)
+
+
+class EpochOrder:
+    """Global sample order: epoch e is a permutation seeded by (seed, e); position k = step·G + j."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        for k in range(start, start + count):
+            epoch, pos = divmod(k, self.n)
+            if epoch not in self._cache:
+                self._cache = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * _MIX + 7919 * epoch))}
+            out.append(int(self._cache[epoch][pos]))
+        return torch.tensor(out)
+
+
+def build_train_dataset(cfg: RunConfig):
+    data = cfg.data
+    if data.name == "mnist":
+        kwargs = {"split": "train"}
+        if data.flip is not None:
+            kwargs["flip"] = data.flip
+        return build_dataset("mnist", **kwargs)
+    if data.name == "latents":
+        if not data.root:
+            raise ValueError("data.root must name the folder written by `dcdit extract-features`")
+        check_latent_meta(read_latent_meta(data.root), vae_id=data.vae, latent_scale=data.latent_scale)
+        return build_dataset("latents", root=data.root, flip=True if data.flip is None else data.flip)
+    return build_dataset(data.name)  # raises with the list of valid names
+
+
+def check_data_matches_model(sample: torch.Tensor, model) -> None:
+    C, H, W = sample.shape
+    if C != model.in_channels or (H, W) != tuple(model.grid):
+        raise ValueError(
+            f"the data set yields {C}×{H}×{W} samples but the model expects "
+            f"{model.in_channels}×{model.grid[0]}×{model.grid[1]}: set model.in_channels={C} and model.input_size=[{H}, {W}]"
+        )
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+@torch.no_grad()
+def rank_divergence(model: torch.nn.Module) -> float:
+    """Max over parameter tensors of |checksum(rank r) − checksum(rank 0)|: 0.0 when DDP kept the ranks identical."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = D.all_gather_cat(sums[None])  # (world, n_tensors)
+    return float((gathered - gathered[:1]).abs().max())
+
+
+def autocast_for(device: torch.device, mixed_precision: str):
+    if mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.mixed_precision must be auto, bf16 or fp32, got {mixed_precision!r}")
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+@dataclass
+class _Interval:
+    """Running sums between two log lines (local to a rank)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    diffusion: float = 0.0
+    mse: float = 0.0
+    vb: float = 0.0
+    ratio: float = 0.0
+    grad_norm: float = 0.0
+    skipped: int = 0
+    t0: float = 0.0
+
+
+class CSVLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def _open_tensorboard(run_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _open_wandb(cfg: RunConfig, run_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    import wandb  # optional dependency; a clear ImportError names it
+
+    return wandb.init(project="dcdit", dir=str(run_dir), config=json.loads(json.dumps(cfg, default=vars)))
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint."""
+    dist_info = D.setup(device)
+    dev, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    G = tc.global_batch_size
+    micro = tc.micro_batch_size or G // world
+    if micro < 1 or G % (world * micro):
+        raise ValueError(
+            f"train.global_batch_size ({G}) must equal world size ({world}) × micro_batch_size ({micro}) × "
+            f"gradient-accumulation steps; choose micro_batch_size dividing {G // max(world, 1)}"
+        )
+    accum = G // (world * micro)
+
+    torch.manual_seed(tc.seed)  # identical initialisation on every rank
+    model = build_model(cfg.model).to(dev)
+    for m in model.modules():  # label dropout is drawn by the loop from the global stream (see module doc)
+        if isinstance(m, LabelEmbedder):
+            m.dropout_prob = 0.0
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    dataset = build_train_dataset(cfg)
+    check_data_matches_model(dataset[0][0], model)
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+    is_dcdit = cfg.model.arch == "dcdit"
+    null_class = model.num_classes
+    label_drop_p = cfg.model.class_dropout_prob
+
+    step, skipped_total, wall_before = 0, 0, 0.0
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
+        if model_config_to_dict(saved_cfg.model) != model_config_to_dict(cfg.model):
+            raise ValueError(f"cannot resume {ckpt}: its model config differs from this run's model config")
+        load_state_dict_checked(model, state, str(ckpt / "model.safetensors"))
+        load_state_dict_checked(ema, read_weights(ckpt / "ema.safetensors")[0], str(ckpt / "ema.safetensors"))
+        ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(ts["optimizer"])
+        step, skipped_total, wall_before = ts["step"], ts.get("skipped_steps", 0), ts.get("wall_time", 0.0)
+        set_rng_state(ts["rng"])
+    elif (run_dir / "checkpoints" / "latest").exists():
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+
+    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
+    order = EpochOrder(len(dataset), tc.seed)
+    T = diffusion.num_timesteps
+    C, H, W = dataset[0][0].shape
+
+    csv_log = tb = wb = None
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, run_dir / "config.yaml")
+        csv_log = CSVLog(run_dir / "log.csv")
+        tb = _open_tensorboard(run_dir, tc.tensorboard)
+        wb = _open_wandb(cfg, run_dir, tc.wandb)
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and dist_info.is_main), desc="train", dynamic_ncols=True)
+    acc = _Interval(t0=time.time())
+    ratios_nat, ratios_eff, fractions = [], [], []
+    t_start, last = time.time(), {}
+    kill_at = int(os.environ.get("DCDIT_KILL_AT_STEP", "-1"))  # test hook: die abruptly after this step
+
+    model.train()
+    while step < tc.steps:
+        # --- the step's global random stream -------------------------------------------------
+        g = step_generator(tc.seed, step)
+        idx_all = order.indices(step * G, G)
+        t_all = torch.randint(0, T, (G,), generator=g)
+        noise_all = torch.randn(G, C, H, W, generator=g)
+        drop_all = torch.rand(G, generator=g) < label_drop_p
+        mb = tc.multi_budget
+        fraction = 0.0
+        if mb.fractions and step >= mb.start_step:
+            fraction = float(mb.fractions[int(torch.randint(len(mb.fractions), (1,), generator=g))])
+
+        loss_ok = torch.ones((), device=dev)
+        for a in range(accum):
+            lo = (rank * accum + a) * micro
+            sl = slice(lo, lo + micro)
+            xs, ys = [], []
+            for j, i in zip(range(lo, lo + micro), idx_all[sl].tolist()):
+                torch.manual_seed(tc.seed * _MIX + step * 7919 + j)  # per-sample augmentation stream
+                x_j, y_j = dataset[i]
+                xs.append(x_j)
+                ys.append(int(y_j))
+            x = torch.stack(xs).to(dev)
+            y = torch.where(drop_all[sl], null_class, torch.tensor(ys)).to(dev)
+            kwargs = {"y": y}
+            if is_dcdit:
+                kwargs["tail_dropping_fraction"] = fraction
+            sync = (a == accum - 1) or world == 1
+            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                torch.manual_seed(tc.seed * _MIX + step * 7919 + G + rank * accum + a)  # model-internal randomness
+                with autocast_for(dev, tc.mixed_precision):
+                    terms = diffusion.training_losses(ddp, x, t_all[sl].to(dev), model_kwargs=kwargs, noise=noise_all[sl].to(dev))
+                diff_loss = terms["loss"].mean()
+                loss = diff_loss
+                r_loss = torch.zeros((), device=dev)
+                record = terms.get("aux")
+                if record is not None:
+                    r_loss = ratio_loss(record, cfg.model.target_ratio, tc.ratio_batch_size)
+                    loss = loss + tc.ratio_loss_weight * r_loss
+                    ratios_nat.append(record.natural_compression_ratio.detach().cpu())
+                    ratios_eff.append(record.compression_ratio.detach().cpu())
+                loss_ok = loss_ok * torch.isfinite(loss.detach()).float()
+                (loss / accum).backward()
+            acc.loss += float(loss.detach()) / accum
+            acc.diffusion += float(diff_loss.detach()) / accum
+            acc.mse += float(terms["mse"].detach().mean()) / accum
+            acc.vb += float(terms["vb"].detach().mean()) / accum if "vb" in terms else 0.0
+            acc.ratio += float(r_loss.detach()) / accum
+
+        D.all_reduce_(loss_ok, op=torch.distributed.ReduceOp.MIN if world > 1 else None)
+        clip = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if bool(loss_ok) and math.isfinite(float(grad_norm)):
+            optimizer.step()
+            update_ema(ema, model, tc.ema_decay)
+        else:
+            acc.skipped += 1
+            skipped_total += 1
+            bar.write(f"step {step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); step skipped")
+        optimizer.zero_grad(set_to_none=True)
+        acc.grad_norm += float(grad_norm) if math.isfinite(float(grad_norm)) else 0.0
+        fractions.append(fraction)
+        acc.steps += 1
+        step += 1
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.steps or step == 1:
+            last = _log(step, acc, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev)
+            acc, ratios_nat, ratios_eff, fractions = _Interval(t0=time.time()), [], [], []
+        if step % tc.ckpt_every == 0 or step == tc.steps:
+            if dist_info.is_main:
+                extra = {"skipped_steps": skipped_total, "wall_time": wall_before + time.time() - t_start}
+                save_checkpoint(run_dir, step, model, ema, optimizer, cfg, extra, keep_last=tc.keep_last)
+            D.barrier()
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    bar.close()
+    summary = {"step": step, "skipped_steps": skipped_total, "wall_time_s": wall_before + time.time() - t_start,
+               "rank_param_max_abs_diff": rank_divergence(model), **last}
+    if dist_info.is_main:
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if tb is not None:
+            tb.close()
+        if wb is not None:
+            wb.finish()
+    D.teardown()
+    return summary
+
+
+def _log(step, acc: _Interval, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev) -> dict:
+    n = max(acc.steps, 1)
+    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm], device=dev) / n
+    D.all_reduce_(means)
+    means /= dist_info.world_size
+    row = {
+        "step": step,
+        "loss": float(means[0]), "diffusion_loss": float(means[1]), "mse": float(means[2]), "vb": float(means[3]),
+        "ratio_loss": float(means[4]), "grad_norm": float(means[5]),
+        "steps_per_s": acc.steps / max(time.time() - acc.t0, 1e-9),
+        "skipped_steps": skipped_total,
+        "tail_fraction": sum(fractions) / max(len(fractions), 1),
+    }
+    if ratios_nat:
+        nat = D.all_gather_cat(torch.cat(ratios_nat).to(dev)).float()
+        eff = D.all_gather_cat(torch.cat(ratios_eff).to(dev)).float()
+        row.update({
+            "compression_mean": float(nat.mean()), "compression_std": float(nat.std()) if nat.numel() > 1 else 0.0,
+            "compression_min": float(nat.min()), "compression_max": float(nat.max()),
+            "effective_compression_mean": float(eff.mean()),
+        })
+    if dist_info.is_main:
+        csv_log.write(row)
+        if tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    tb.add_scalar(f"train/{k}", v, step)
+        if wb is not None:
+            wb.log(row, step=step)
+        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        bar.write(msg)
+    return row

@@ -1,0 +1,150 @@
+"""The training loop end to end on CPU: checkpoints, exact resume after a kill, DDP = one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcdit.config import load_run_config
+from dcdit.train import EpochOrder, train
+
+TINY = [
+    "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.encoder_width=16",
+    "train.global_batch_size=8", "train.ratio_batch_size=4", "train.log_every=2", "train.ckpt_every=2",
+    "train.tensorboard=false", "train.lr=1e-3",
+]
+
+
+def run_cli(args, env_extra=None, check=True, nproc=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dcdit.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "dcdit.cli", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def weights(run_dir: Path, step: int, which="model") -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"{step:07d}" / f"{which}.safetensors"))
+
+
+def test_epoch_order_is_a_permutation_per_epoch():
+    order = EpochOrder(10, seed=3)
+    first, second = order.indices(0, 10), order.indices(10, 10)
+    assert sorted(first.tolist()) == list(range(10)) and sorted(second.tolist()) == list(range(10))
+    assert first.tolist() != second.tolist()  # reshuffled each epoch
+    assert order.indices(7, 6).tolist() == first[7:].tolist() + second[:3].tolist()  # crosses the epoch boundary
+
+
+def test_train_writes_checkpoints_logs_and_config(tmp_path):
+    cfg = load_run_config("mnist", TINY + ["train.steps=4"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert summary["step"] == 4 and summary["skipped_steps"] == 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["0000002", "0000004"]
+    for f in ("model.safetensors", "ema.safetensors", "training_state.pt", "config.yaml"):
+        assert (run / "checkpoints" / "0000004" / f).exists()
+    saved = load_run_config(run / "config.yaml")
+    assert saved == cfg  # the resolved config round-trips
+    rows = (run / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for key in ("loss", "diffusion_loss", "ratio_loss", "compression_mean", "compression_std", "compression_min",
+                "compression_max", "grad_norm", "steps_per_s"):
+        assert key in header
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "4"]
+    # the EMA differs from the raw weights after training, and both hold finite values
+    raw, ema = weights(run, 4), weights(run, 4, "ema")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    assert all(torch.isfinite(v).all() for v in raw.values())
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    cfg = load_run_config("mnist", TINY + ["train.steps=2"])
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    train(load_run_config("mnist", TINY + ["train.steps=2"]), tmp_path / "run", progress=False)
+    other = load_run_config("mnist", TINY + ["train.steps=4", "model.depth=2"])
+    with pytest.raises(ValueError, match="model config differs"):
+        train(other, tmp_path / "run", resume=True, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after step 5 (last checkpoint at 4); --resume must reproduce the uninterrupted run bit for bit."""
+    args = ["train", "mnist", *TINY, "train.steps=6", "--no-progress"]
+    run_cli([*args, "--out", str(tmp_path / "straight")])
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env_extra={"DCDIT_KILL_AT_STEP": "5"}, check=False)
+    assert killed.returncode != 0  # it really died
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "0000004"
+    run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    a, b = weights(tmp_path / "straight", 6), weights(tmp_path / "killed", 6)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea, eb = weights(tmp_path / "straight", 6, "ema"), weights(tmp_path / "killed", 6, "ema")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """2 gloo ranks × micro-batch 4 = 1 process × batch 8: ranks stay identical and match the single run."""
+    args = ["train", "mnist", *TINY, "train.steps=3", "train.ckpt_every=3", "--no-progress"]
+    run_cli([*args, "--out", str(tmp_path / "single")])
+    run_cli([*args, "--out", str(tmp_path / "ddp")], nproc=2)
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["rank_param_max_abs_diff"] == 0.0
+    a, b = weights(tmp_path / "single", 3), weights(tmp_path / "ddp", 3)
+    # The two runs sum the same per-sample gradients in a different order (fp32 rounding ~1e-7); Adam
+    # normalises each coordinate, so rounding on a near-zero gradient can move that coordinate by a
+    # fraction of one step (lr = 1e-3). A real mismatch (other data, noise or batch) moves them by ~lr.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    # and the two runs did train (weights moved away from the step-0 initialisation)
+    assert any(not torch.equal(a[k], weights(tmp_path / "single", 3, "ema")[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    base = TINY + ["train.steps=2", "train.ckpt_every=2"]
+    train(load_run_config("mnist", base), tmp_path / "full", progress=False)
+    train(load_run_config("mnist", base + ["train.micro_batch_size=4"]), tmp_path / "accum", progress=False)
+    a, b = weights(tmp_path / "full", 2), weights(tmp_path / "accum", 2)
+    for k in a:  # same tolerance argument as the DDP test
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
+    """A NaN loss must not reach the optimizer: the step is skipped, counted and logged."""
+    import dcdit.train as T
+
+    real = T.ratio_loss
+    calls = {"n": 0}
+
+    def nan_on_second_step(record, *a, **k):
+        calls["n"] += 1
+        out = real(record, *a, **k)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(T, "ratio_loss", nan_on_second_step)
+    summary = train(load_run_config("mnist", TINY + ["train.steps=3"]), tmp_path / "run", progress=False)
+    assert summary["skipped_steps"] == 1
+    w = weights(tmp_path / "run", 2)
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_bad_batch_split_is_explained():
+    cfg = load_run_config("mnist", TINY + ["train.micro_batch_size=3"])
+    with pytest.raises(ValueError, match="global_batch_size"):
+        train(cfg, "/tmp/never-written", progress=False)
