@@ -57,8 +57,8 @@ def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tenso
     """Drop the ⌊f·n⌋ lowest-p boundaries of each sample (elastic inference, SPEC §1.5).
 
     p, mask: (B, L); fraction: a float or a (B,) tensor in [0, 1). Returns the kept mask (B, L).
-    Equal p values are dropped lowest grid index first. ⌊f·n⌋ is taken with a 1e-6 tolerance so that
-    decimal fractions such as 0.29·100 give 29, not 28.
+    Equal p values are dropped lowest grid index first. ⌊f·n⌋ is taken with a relative tolerance of
+    1e-6 so that decimal fractions such as 0.29·100 (or a float32 0.9·50) give 29 (45), not 28 (44).
     """
     B, L = p.shape
     f = torch.as_tensor(fraction, dtype=torch.float64, device=p.device).expand(B)
@@ -67,7 +67,7 @@ def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tenso
     if not (f > 0).any():
         return mask
     n = mask.sum(1)
-    n_drop = torch.minimum(torch.floor(f * n.double() + 1e-6).long(), n - 1)  # (B,); one token always stays
+    n_drop = torch.minimum(torch.floor(f * n.double() + 1e-6 * n.clamp_min(1).double()).long(), n - 1)  # (B,); one token always stays
     score = torch.where(mask, p, torch.full_like(p, float("inf")))
     order = torch.sort(score, dim=1, stable=True).indices  # lowest-p boundaries first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=p.device).expand(B, L))

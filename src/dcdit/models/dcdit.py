@@ -158,6 +158,6 @@ class DCDiT(nn.Module):
         half = x[: len(x) // 2]
         n = len(half)
         f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
-        fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, device=x.device)
+        fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, dtype=torch.float64, device=x.device)
         out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions)
         return guide(out, cfg_scale, self.in_channels, guidance_channels), record

@@ -1,0 +1,220 @@
+"""De-chunking (SPEC §1.9) against a brute-force loop of the paper's formula.
+
+Reference: for every sample, over its REAL kept tokens only (p clamped to [1e-4, 1 − 1e-4]),
+    W_ij = exp(−d²_ij / 2σ²) · p_j,  h̃_i = Σ_j W_ij h_j / Σ_j W_ij,  out_i = p_i h_i + (1 − p_i) h̃_i,
+then every grid position takes `out` of its nearest kept token (Euclidean, ties → lowest grid index).
+The records are built by hand here (kept tokens first in raster order, then arbitrary padding), so
+the reference does not depend on the chunking helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dcdit.models.chunking import RoutingRecord
+from dcdit.models.dechunking import DeChunk, nearest_kept_slot
+
+
+def make_record(p: torch.Tensor, kept: list[list[int]], padding: list[list[int]], grid) -> RoutingRecord:
+    """Hand-built record: slots = sorted kept tokens, then the given padding tokens, up to M = max count."""
+    B, L = p.shape
+    M = max(len(k) for k in kept)
+    rows, mask = [], torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        ks = sorted(kept[b])
+        pad = [j for j in padding[b] if j not in ks][: M - len(ks)]
+        assert len(ks) + len(pad) == M, "test setup: not enough padding tokens"
+        rows.append(ks + pad)
+        mask[b, ks] = True
+    kept_idx = torch.tensor(rows, dtype=torch.long)
+    kept_count = torch.tensor([len(k) for k in kept], dtype=torch.long)
+    return RoutingRecord(p, mask, mask.clone(), kept_idx, kept_count, tuple(grid))
+
+
+def brute_force_dechunk(z, p, kept, grid, sigma):
+    """Loop form of SPEC §1.9 + plug-back. z (B, M, D) with the sample's kept tokens in the first slots
+    in raster order; p (B, L). Works with autograd (float64 recommended). Returns (B, L, D)."""
+    H, W = grid
+    B = z.shape[0]
+    result = []
+    for b in range(B):
+        ks = sorted(kept[b])
+        pos = [(k // W, k % W) for k in ks]
+        pc = [torch.clamp(p[b, k], 1e-4, 1 - 1e-4) for k in ks]
+        outs = []
+        for i in range(len(ks)):
+            num = torch.zeros_like(z[b, 0])
+            den = torch.zeros((), dtype=z.dtype)
+            for j in range(len(ks)):
+                d2 = (pos[i][0] - pos[j][0]) ** 2 + (pos[i][1] - pos[j][1]) ** 2
+                w = math.exp(-d2 / (2 * sigma**2)) * pc[j]
+                num = num + w * z[b, j]
+                den = den + w
+            h_tilde = num / den
+            outs.append(pc[i] * z[b, i] + (1 - pc[i]) * h_tilde)
+        full = []
+        for r in range(H):
+            for c in range(W):
+                best, best_d2 = None, None
+                for i, (kr, kc) in enumerate(pos):  # ks ascending: strict < keeps the lowest index on ties
+                    d2 = (r - kr) ** 2 + (c - kc) ** 2
+                    if best_d2 is None or d2 < best_d2:
+                        best, best_d2 = i, d2
+                full.append(outs[best])
+        result.append(torch.stack(full))
+    return torch.stack(result)
+
+
+def brute_force_nearest(kept: list[int], grid) -> list[int]:
+    """For every grid position, the grid index of the nearest kept token (ties → lowest index)."""
+    H, W = grid
+    out = []
+    for r in range(H):
+        for c in range(W):
+            cands = [((r - k // W) ** 2 + (c - k % W) ** 2, k) for k in kept]
+            out.append(min(cands)[1])  # tuple order: distance, then grid index
+    return out
+
+
+def random_case(grid, counts, seed, D=4):
+    g = torch.Generator().manual_seed(seed)
+    H, W = grid
+    L = H * W
+    p = torch.rand(len(counts), L, generator=g)
+    kept, padding = [], []
+    for n in counts:
+        perm = torch.randperm(L, generator=g).tolist()
+        kept.append(sorted(perm[:n]))
+        padding.append(perm[n:])
+    # exercise the clamp: some kept tokens with p exactly 0 or 1
+    p[0, kept[0][0]] = 0.0
+    p[0, kept[0][-1]] = 1.0
+    rec = make_record(p, kept, padding, grid)
+    z = torch.randn(len(counts), rec.kept_idx.shape[1], D, generator=g)
+    z = torch.where(rec.slot_mask[..., None], z, torch.full_like(z, 1e3))  # loud padding values
+    return rec, z, kept
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (5, 7), (7, 5)])
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_dechunk_matches_brute_force(grid, sigma):
+    rec, z, kept = random_case(grid, counts=[11, 4, 1], seed=grid[0] * 10 + grid[1] + int(sigma))
+    got = DeChunk(sigma)(z, rec)
+    ref = brute_force_dechunk(z.double(), rec.p.double(), kept, grid, sigma)
+    assert got.shape == (3, grid[0] * grid[1], z.shape[-1])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_slots_are_not_sources():
+    grid = (5, 7)
+    rec, z, kept = random_case(grid, counts=[9, 3], seed=3)
+    out1 = DeChunk(1.0)(z, rec)
+    z2 = torch.where(rec.slot_mask[..., None], z, -7.0 * torch.ones_like(z))
+    p2 = rec.p.clone()
+    pad = rec.kept_idx[1, rec.kept_count[1]:]
+    p2[1, pad] = 1.0 - p2[1, pad]  # the padding tokens' p must not matter either
+    rec2 = RoutingRecord(p2, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
+    out2 = DeChunk(1.0)(z2, rec2)
+    assert torch.equal(out1, out2)
+
+
+@pytest.mark.parametrize(
+    "grid, kept, expect",
+    [
+        # kept (0,0) and (0,2): (0,1) is equidistant -> (0,0)
+        ((3, 3), [0, 2], {1: 0, 0: 0, 2: 2, 4: 0, 5: 2}),
+        # kept (0,0) and (2,2): the centre is equidistant -> (0,0)
+        ((3, 3), [0, 8], {4: 0, 2: 0, 6: 0, 5: 8, 7: 8}),
+        # kept (0,2) and (2,0): the centre is equidistant -> (0,2) (index 2 < 6)
+        ((3, 3), [2, 6], {4: 2, 0: 2, 8: 2}),
+        # kept (0,1) and (1,0) on a 5x7 grid: (0,0) and (1,1) tie -> (0,1)
+        ((5, 7), [1, 7], {0: 1, 8: 1}),
+    ],
+)
+def test_plug_back_ties_go_to_lowest_grid_index(grid, kept, expect):
+    L = grid[0] * grid[1]
+    p = torch.full((1, L), 0.3)
+    rec = make_record(p, [kept], [list(range(L))], grid)
+    slot = nearest_kept_slot(rec)[0]
+    got = rec.kept_idx[0, slot].tolist()
+    assert got == brute_force_nearest(kept, grid)
+    for pos, k in expect.items():
+        assert got[pos] == k
+    # and the de-chunked output at each position is the one of that kept token
+    z = torch.arange(len(kept), dtype=torch.float32)[None, :, None].expand(1, len(kept), 2) * 10
+    out = DeChunk(1.0)(z.contiguous(), rec)
+    ref = brute_force_dechunk(z.double(), p.double(), [kept], grid, 1.0)
+    torch.testing.assert_close(out.double(), ref)
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (6, 6)])
+def test_plug_back_random_matches_brute_force_nearest(grid):
+    rec, _, kept = random_case(grid, counts=[8, 2, 5, 1], seed=11)
+    slots = nearest_kept_slot(rec)
+    for b in range(len(kept)):
+        assert rec.kept_idx[b, slots[b]].tolist() == brute_force_nearest(kept[b], grid)
+        assert bool((slots[b] < rec.kept_count[b]).all())  # never a padding slot
+
+
+def test_dechunk_gradients_match_brute_force():
+    """d out / d p (the smoothing path of the router gradient) and d out / d z against autograd
+    through the loop reference in float64."""
+    grid = (5, 6)
+    rec, z, kept = random_case(grid, counts=[7, 3], seed=5)
+    p = rec.p.clamp(0.05, 0.95)  # interior values: the clamp has no effect on the gradient
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(2, 30, z.shape[-1], generator=g)
+
+    p1 = p.clone().requires_grad_(True)
+    z1 = z.clone().requires_grad_(True)
+    rec1 = RoutingRecord(p1, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
+    (DeChunk(1.5)(z1, rec1) * weight).sum().backward()
+
+    p2 = p.double().requires_grad_(True)
+    z2 = z.double().requires_grad_(True)
+    (brute_force_dechunk(z2, p2, kept, grid, 1.5) * weight.double()).sum().backward()
+
+    torch.testing.assert_close(p1.grad.double(), p2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z1.grad.double(), z2.grad, atol=1e-5, rtol=1e-4)
+    # only the real kept tokens' p can carry gradient (padding slots are not sources, and
+    # padding outputs are never plugged back)
+    assert bool((p1.grad[~rec.kept_mask] == 0).all())
+    assert bool((p1.grad[rec.kept_mask] != 0).any())
+
+
+def test_dechunk_far_padding_gives_finite_values_and_gradients():
+    """A padding slot far (> ~14 cells at σ = 1) from every real kept token of its sample: all its
+    smoothing weights underflow to 0, and 0/0 must not leak NaN into the real outputs or into the
+    gradient (it would poison the whole batch's parameter gradients). This happens in training at
+    32×32 when one sample keeps few tokens and its padding lies far away."""
+    grid = (20, 20)
+    L = 400
+    p = torch.full((2, L), 0.2)
+    p[0, L - 1] = 0.45  # sample 0: only (0,0) kept; its highest-p padding is the far corner
+    kept = [[0], list(range(0, L, 7))]
+    rec = make_record(p, kept, [[L - 1, L - 2, L - 3] + list(range(1, L)), list(range(L))], grid)
+    assert rec.kept_idx[0, 1].item() == L - 1
+    z = torch.randn(2, rec.kept_idx.shape[1], 3, requires_grad=True)
+    p_leaf = rec.p.clone().requires_grad_(True)
+    rec = RoutingRecord(p_leaf, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
+    out = DeChunk(1.0)(z, rec)
+    assert bool(torch.isfinite(out).all())
+    # sample 0 has one real token: out = p z + (1 − p) z = z everywhere
+    torch.testing.assert_close(out[0], z[0, 0].detach().expand(L, 3))
+    out.sum().backward()
+    assert bool(torch.isfinite(z.grad).all()), "NaN/inf gradient from an all-underflow padding row"
+    assert bool(torch.isfinite(p_leaf.grad).all())
+
+
+def test_dechunk_runs_in_fp32_under_autocast():
+    grid = (5, 7)
+    rec, z, _ = random_case(grid, counts=[6, 2], seed=2)
+    ref = DeChunk(1.0)(z.bfloat16().float(), rec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = DeChunk(1.0)(z.bfloat16(), rec)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
