@@ -23,6 +23,16 @@ def grid_coords(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return torch.stack([torch.div(idx, W, rounding_mode="floor"), idx % W], dim=-1).float()
 
 
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, n, 2), (B, m, 2) integer grid coordinates -> (B, n, m) squared Euclidean distances.
+
+    |a|² + |b|² − 2 a·b with one batched matmul instead of an (n, m, 2) difference tensor. Integer
+    coordinates below 2^11 keep every term an exact float32 integer, so the result (and any tie) is exact.
+    """
+    cross = torch.bmm(a, b.transpose(1, 2))
+    return (a * a).sum(-1, keepdim=True) + (b * b).sum(-1)[:, None, :] - 2 * cross
+
+
 def nearest_kept_slot(record: RoutingRecord) -> torch.Tensor:
     """(B, L) long: for every grid position, the inner slot of its nearest real kept token.
 
@@ -30,9 +40,9 @@ def nearest_kept_slot(record: RoutingRecord) -> torch.Tensor:
     so ties resolve to the lowest grid index. Squared distances of integer coordinates are exact.
     """
     H, W = record.grid
-    all_pos = grid_coords(torch.arange(H * W, device=record.kept_idx.device), record.grid)  # (L, 2)
-    kept_pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
-    d2 = ((all_pos[None, :, None, :] - kept_pos[:, None, :, :]) ** 2).sum(-1)  # (B, L, M)
+    B = record.kept_idx.shape[0]
+    all_pos = grid_coords(torch.arange(H * W, device=record.kept_idx.device), record.grid).expand(B, -1, -1)
+    d2 = squared_distances(all_pos, grid_coords(record.kept_idx, record.grid))  # (B, L, M)
     d2 = d2.masked_fill(~record.slot_mask[:, None, :], float("inf"))
     return d2.argmin(dim=-1)
 
@@ -48,7 +58,7 @@ class DeChunk(nn.Module):
         """Gaussian smoothing over the real kept tokens: (B, M, D) -> (B, M, D)."""
         p = record.p.gather(1, record.kept_idx).clamp(1e-4, 1 - 1e-4)  # (B, M)
         pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
-        d2 = ((pos[:, :, None, :] - pos[:, None, :, :]) ** 2).sum(-1)  # (B, M, M)
+        d2 = squared_distances(pos, pos)  # (B, M, M)
         w = torch.exp(-d2 / (2 * self.sigma**2)) * p[:, None, :]
         real = record.slot_mask  # (B, M)
         w = w * real[:, None, :]  # padding slots are not sources
