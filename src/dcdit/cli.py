@@ -93,7 +93,7 @@ def _sampling_settings(args, cfg, step) -> dict:
         "guidance_channels": args.guidance_channels, "tail_dropping_fraction": args.tail_dropping_fraction,
         "lite_cfg": args.lite_cfg,
         "uncond_tail_dropping_fraction": args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-        "seed": args.seed, "model": cfg.model.__dict__, "data": cfg.data.__dict__,
+        "seed": args.seed, "clip_denoised": cfg.data.name != "latents", "model": cfg.model.__dict__, "data": cfg.data.__dict__,
     }
 
 
@@ -111,7 +111,7 @@ def sample_to_folder(args) -> dict:
         model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
         uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-        seed=args.seed, device=device, progress=not args.no_progress,
+        seed=args.seed, device=device, progress=not args.no_progress, clip_denoised=cfg.data.name != "latents",
     )
     seconds = time.time() - t0
     decode = _decoder_for(cfg, args.vae, device)
@@ -162,7 +162,7 @@ def cmd_sample_ddp(args) -> int:
             model, all_labels[list(idx)], sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
             guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
             uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-            seed=args.seed * 1_000_003 + idx[0], device=device, num_snapshots=0,
+            seed=args.seed * 1_000_003 + idx[0], device=device, num_snapshots=0, clip_denoised=cfg.data.name != "latents",
         )
         for i, img in zip(idx, to_uint8_images(decode(result.samples))):
             Image.fromarray(img).save(out / "images" / f"{i:06d}.png")
