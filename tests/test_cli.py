@@ -30,6 +30,14 @@ def test_presets_table(capsys):
     assert float(row.split()[-3]) == pytest.approx(675.1, abs=0.05)
 
 
+def test_flops_command(capsys):
+    assert main(["flops", "DiT-XL-2"]) == 0
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert float(total.split()[1]) == pytest.approx(118.6, rel=0.01)  # DiT paper, Table 4
+    assert main(["flops", "DC-DiT-B-N4", "--kept-tokens", "128"]) == 0
+    assert "M = 128" in capsys.readouterr().out
+
+
 def test_train_resume_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "mnist", *TINY, "train.steps=2", "--out", str(run), "--no-progress"]) == 0
@@ -46,6 +54,8 @@ def test_train_resume_sample(tmp_path, capsys):
     assert settings["labels"] == [3, 7] and settings["ckpt_step"] == 4 and settings["weights"] == "ema"
     assert settings["sampler"] == "ddpm" and settings["num_sampling_steps"] == 4 and settings["cfg_scale"] == 2.0
     assert settings["model"]["arch"] == "dcdit"
+    assert settings["flops"]["forward_passes_per_image"] == 8  # 4 steps × 2 (CFG)
+    assert settings["flops"]["tflops_per_image"] == pytest.approx(2 * settings["flops"]["macs_per_image"] / 1e12)
     grid = Image.open(out / "samples.png")
     assert grid.size[0] >= 2 * 32 and grid.size[1] >= 32
     for f in ("chunking_viz.png", "compression_vs_timestep.png"):

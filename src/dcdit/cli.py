@@ -37,6 +37,19 @@ def cmd_presets(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ flops
+def cmd_flops(args) -> int:
+    from .config import load_run_config
+    from .flops import flops_report, flops_table
+
+    cfg = load_run_config(args.config, args.overrides).model
+    if args.kept_tokens is not None:
+        print(flops_table(cfg, args.kept_tokens))
+    else:
+        print(flops_report(cfg, tuple(args.tail_fractions)))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
@@ -99,6 +112,7 @@ def _sampling_settings(args, cfg, step) -> dict:
 
 def sample_to_folder(args) -> dict:
     """Generate, decode and write the grid, chunking visualisation, compression plot and settings."""
+    from .flops import sampling_flops
     from .sampling import generate, save_settings_json
     from .viz import plot_chunking, plot_compression_vs_timestep, save_image_grid
 
@@ -122,6 +136,8 @@ def sample_to_folder(args) -> dict:
         files["compression_plot"] = str(plot_compression_vs_timestep(result, out / "compression_vs_timestep.png"))
     settings = _sampling_settings(args, cfg, step)
     settings.update({"labels": labels.tolist(), "device": str(device), "seconds": seconds, "files": files})
+    flops = sampling_flops(cfg.model, result.trace)
+    settings["flops"] = {k: flops[k] for k in ("mean_macs_per_forward", "macs_per_image", "tflops_per_image", "forward_passes_per_image")}
     if result.trace and "kept" in result.trace[0]:
         kept = torch.stack([torch.as_tensor(e["kept"]).float() for e in result.trace])  # (steps, B)
         settings["mean_tokens_kept_per_step"] = float(kept.mean())
@@ -313,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract_features)
+
+    p = sub.add_parser("flops", help="FLOP table of a model config (per component; DC-DiT at several token budgets)",
+                       description="Multiply-accumulates of one forward pass per component (fvcore's convention, as the DiT "
+                                   "paper's 'Gflops'), and TFLOPs per image for 250 sampling steps = 2 x MACs x steps "
+                                   "(x 2 with CFG). DC-DiT costs depend on the tokens kept: the nominal budget is L/N, "
+                                   "rows for tail-drop fractions show the elastic range; --kept-tokens sets M directly.")
+    p.add_argument("config", help="YAML config path or packaged config name (e.g. DC-DiT-B-N4, DiT-XL-2, mnist)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.depth=16")
+    p.add_argument("--kept-tokens", type=float, default=None, help="DC-DiT: inner tokens M per sample")
+    p.add_argument("--tail-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5])
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("presets", help="print the model presets and their parameter counts",
                        description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "
