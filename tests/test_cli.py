@@ -72,7 +72,9 @@ def test_sample_ddp_writes_pngs_and_adm_npz(tmp_path):
     out = tmp_path / "fid"
     assert main(["sample-ddp", "--ckpt", str(run), "--out", str(out), "--num-samples", "5", "--batch-size", "2",
                  "--steps", "3", "--no-progress"]) == 0
-    arr = np.load(out / "samples.npz")["arr_0"]
+    npz = np.load(out / "samples.npz")
+    arr = npz["arr_0"]
+    assert npz["arr_1"].tolist() == json.loads((out / "settings.json").read_text())["labels"]
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
     pngs = sorted(p.name for p in (out / "images").iterdir())
     assert pngs == [f"{i:06d}.png" for i in range(5)]

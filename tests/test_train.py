@@ -148,3 +148,18 @@ def test_bad_batch_split_is_explained():
     cfg = load_run_config("mnist", TINY + ["train.micro_batch_size=3"])
     with pytest.raises(ValueError, match="global_batch_size"):
         train(cfg, "/tmp/never-written", progress=False)
+
+
+def test_multi_budget_draws_from_the_set_after_the_start_step(tmp_path):
+    cfg = load_run_config("mnist", TINY + ["train.steps=8", "train.log_every=1", "train.ckpt_every=8",
+                                          "train.multi_budget.fractions=[0.25,0.5]", "train.multi_budget.start_step=3"])
+    train(cfg, tmp_path / "run", progress=False)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    fractions = [float(r["tail_fraction"]) for r in rows]
+    assert fractions[:3] == [0.0, 0.0, 0.0]  # steps 1-3 run before start_step 3 (0-based step index < 3)
+    assert set(fractions[3:]) <= {0.25, 0.5} and len(set(fractions[3:])) == 2
+    for r, f in zip(rows, fractions):  # effective compression ≥ natural, equal without dropping
+        nat, eff = float(r["compression_mean"]), float(r["effective_compression_mean"])
+        assert eff >= nat - 1e-6 and (f > 0 or abs(eff - nat) < 1e-6)

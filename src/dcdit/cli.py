@@ -50,6 +50,31 @@ def cmd_flops(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ baselines
+def cmd_baselines(args) -> int:
+    from .baselines import build_baselines, write_baseline_configs
+    from .config import load_run_config
+
+    model = None
+    if args.ckpt:
+        from .checkpoint import load_model
+
+        model, cfg, _ = load_model(args.ckpt, device=args.device or "cpu")
+    elif args.config:
+        cfg = load_run_config(args.config, args.overrides)
+    else:
+        raise ValueError("give a DC-DiT CONFIG (nominal budget L/N) or --ckpt RUN (measured budget)")
+    base = build_baselines(cfg, model, num_samples=args.num_samples, sampling_steps=args.sampling_steps)
+    paths = write_baseline_configs(cfg, base, args.out)
+    print(f"{'model':<10} {'depth':>5} {'patch/N':>8} {'params (M)':>11} {'GMACs/pass':>11}")
+    for name, b in base.items():
+        c = b["config"]
+        tokens = f"N={c.target_ratio:g}" if name == "dcdit" else f"P={c.patch_size}"
+        print(f"{name:<10} {c.depth:>5} {tokens:>8} {b['params'] / 1e6:>11.2f} {b['macs'] / 1e9:>11.3f}")
+    print(f"DC-DiT MACs: {base['dcdit']['macs_source']}; wrote {paths['isoparam']} and {paths['isoflop']}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
@@ -185,9 +210,10 @@ def cmd_sample_ddp(args) -> int:
     D.barrier()
     if info.is_main:
         arr = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB")) for i in range(n)])
-        write_npz(arr, out / "samples.npz")
+        write_npz(arr, out / "samples.npz", labels=all_labels.numpy())
         settings = _sampling_settings(args, cfg, step)
-        settings.update({"num_samples": n, "world_size": info.world_size, "npz": str(out / "samples.npz")})
+        settings.update({"num_samples": n, "world_size": info.world_size, "npz": str(out / "samples.npz"),
+                         "labels": all_labels.tolist()})
         save_settings_json(out / "settings.json", settings)
         print(f"wrote {n} samples to {out / 'images'} and {out / 'samples.npz'} (uint8 {arr.shape})")
     D.teardown()
@@ -340,6 +366,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kept-tokens", type=float, default=None, help="DC-DiT: inner tokens M per sample")
     p.add_argument("--tail-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5])
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("baselines", help="derive isoparam and isoflop DiT configs from a DC-DiT config or checkpoint",
+                       description="Write isoparam.yaml (DiT with patch sqrt(N) and the depth closest in parameters) and "
+                                   "isoflop.yaml (the smallest depth whose MACs per forward reach the DC-DiT's) next to each "
+                                   "other. With --ckpt the DC-DiT's MACs are measured over a DDIM sampling run of the "
+                                   "checkpoint (the tokens it really keeps); with a CONFIG the nominal budget L/N is used.")
+    p.add_argument("config", nargs="?", help="DC-DiT YAML config or packaged name (omit with --ckpt)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--ckpt", default=None, help="a trained DC-DiT (run folder, checkpoint folder or .safetensors)")
+    p.add_argument("--num-samples", type=int, default=8, help="with --ckpt: samples in the measuring run")
+    p.add_argument("--sampling-steps", type=int, default=50, help="with --ckpt: DDIM steps of the measuring run")
+    p.add_argument("--out", default="configs/baselines", help="folder for isoparam.yaml and isoflop.yaml")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_baselines)
+
+    from .evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args, evaluate_main,
+                             router_analysis_main, train_classifier_main)
+
+    p = sub.add_parser("evaluate", help="FID / IS / precision-recall (local TorchScript Inception) and MNIST metrics of samples",
+                       description="Score a PNG folder or an ADM .npz: FID, Inception Score and precision/recall with a "
+                                   "feature network read from a local file (nothing downloads), and for 32x32 digits the "
+                                   "MNIST metrics (MNIST-FID, class accuracy, IS-style score) of the shipped classifier.")
+    add_evaluate_args(p)
+    p.set_defaults(func=evaluate_main)
+    p = sub.add_parser("train-classifier", help="retrain the MNIST classifier behind the MNIST metrics")
+    add_train_classifier_args(p)
+    p.set_defaults(func=train_classifier_main)
+    p = sub.add_parser("analyze-router", help="foreground vs background token retention across timesteps; compression vs timestep")
+    add_router_analysis_args(p)
+    p.set_defaults(func=router_analysis_main)
 
     p = sub.add_parser("presets", help="print the model presets and their parameter counts",
                        description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "

@@ -390,10 +390,11 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     return u8.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def write_npz(images_uint8: np.ndarray, path) -> str:
+def write_npz(images_uint8: np.ndarray, path, labels: np.ndarray | None = None) -> str:
     """Write uint8 (N, H, W, 3) images under key ``arr_0``: the input format of OpenAI's ADM
-    evaluation suite (``evaluator.py``). Creates parent directories; returns the written path
-    (".npz" is appended when missing, as ``np.savez`` does)."""
+    evaluation suite (``evaluator.py``); class labels, if given, go under ``arr_1`` (guided-diffusion's
+    convention). Creates parent directories; returns the written path (".npz" is appended when
+    missing, as ``np.savez`` does)."""
     arr = np.asarray(images_uint8)
     if arr.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (use to_uint8_images), got dtype {arr.dtype}")
@@ -403,7 +404,13 @@ def write_npz(images_uint8: np.ndarray, path) -> str:
     if not path.endswith(".npz"):
         path += ".npz"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, arr_0=arr)
+    if labels is None:
+        np.savez(path, arr_0=arr)
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (arr.shape[0],):
+            raise ValueError(f"labels must have shape ({arr.shape[0]},), got {labels.shape}")
+        np.savez(path, arr_0=arr, arr_1=labels)
     return path
 
 

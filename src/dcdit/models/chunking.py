@@ -47,6 +47,14 @@ class RoutingRecord:
         """(B,) L / natural boundary count (before tail-dropping)."""
         return self.p.shape[1] / self.natural_mask.sum(1).float()
 
+    @staticmethod
+    def cat(records: list["RoutingRecord"]) -> "RoutingRecord":
+        """Concatenate along the batch; narrower ``kept_idx`` are widened with padding slots."""
+        M = max(r.kept_idx.shape[1] for r in records)
+        idx = [torch.cat([r.kept_idx, r.kept_idx[:, -1:].expand(-1, M - r.kept_idx.shape[1])], 1) for r in records]
+        fields = (torch.cat([getattr(r, k) for r in records]) for k in ("p", "natural_mask", "kept_mask"))
+        return RoutingRecord(*fields, torch.cat(idx), torch.cat([r.kept_count for r in records]), records[0].grid)
+
     def split(self, sections: int) -> list["RoutingRecord"]:
         """Split along the batch (e.g. the [cond; uncond] halves of a CFG batch)."""
         parts = zip(*(t.chunk(sections) for t in (self.p, self.natural_mask, self.kept_mask, self.kept_idx, self.kept_count)))

@@ -119,8 +119,12 @@ class DCDiT(nn.Module):
             nn.init.constant_(self.residual_proj.weight, 0)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tail_dropping_fraction: float | torch.Tensor = 0.0
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+        tail_dropping_fraction: float | torch.Tensor = 0.0, budget_groups: int = 1,
     ) -> tuple[torch.Tensor, RoutingRecord]:
+        """``tail_dropping_fraction``: a float or a (B,) tensor. ``budget_groups = k`` runs steps 3–5 on
+        k equal slices of the batch separately, each padded only to its own longest sequence (used
+        by Lite-CFG, whose cond and uncond halves keep very different numbers of tokens)."""
         check_inputs(
             x, t, y, in_channels=self.in_channels, grid=self.grid,
             num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
@@ -130,15 +134,14 @@ class DCDiT(nn.Module):
 
         h = self.encoder(self.x_embedder.proj(x), c)  # 1. encode: (B, L, D)
         p, natural = self.router(h, self.grid)  # 2. route: (B, L) each
-        record = route_and_plan(p, natural, tail_dropping_fraction, self.grid)
-
-        z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
-        z = z + self.pos_embed[0][record.kept_idx]
-        kv_mask = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
-        for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
-            z = block(z, c, kv_mask)
-
-        z = self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
+        fractions = torch.as_tensor(tail_dropping_fraction, dtype=torch.float64, device=x.device).expand(B)
+        records, zs = [], []
+        for g in torch.arange(B, device=x.device).chunk(budget_groups):
+            record = route_and_plan(p[g], natural[g], fractions[g], self.grid)
+            zs.append(self.process_chunks(h[g], c[g], record))  # 3.–5. chunk, inner blocks, de-chunk
+            records.append(record)
+        record = RoutingRecord.cat(records) if budget_groups > 1 else records[0]
+        z = torch.cat(zs) if budget_groups > 1 else zs[0]  # (B, L, D), fp32
         with torch.autocast(device_type=x.device.type, enabled=False):
             selected_p = torch.where(record.natural_mask, record.p, 1 - record.p)  # (B, L)
             z = z * straight_through(selected_p)[..., None] + self.residual_proj(h.float())
@@ -146,6 +149,15 @@ class DCDiT(nn.Module):
         out = self.decoder(z.transpose(1, 2).reshape(B, -1, *self.grid), c)  # 6. decode: (B, L, d)
         out = self.final_layer(out, c)  # (B, L, C_out)
         return out.transpose(1, 2).reshape(B, self.out_channels, *self.grid), record
+
+    def process_chunks(self, h: torch.Tensor, c: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Steps 3–5: gather the kept tokens (B, M, D), run the DiT blocks, de-chunk to (B, L, D)."""
+        z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
+        z = z + self.pos_embed[0][record.kept_idx]
+        kv_mask = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
+        for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
+            z = block(z, c, kv_mask)
+        return self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
 
     def forward_with_cfg(
         self, x, t, y, cfg_scale: float, tail_dropping_fraction: float = 0.0,
@@ -159,5 +171,6 @@ class DCDiT(nn.Module):
         n = len(half)
         f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
         fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, dtype=torch.float64, device=x.device)
-        out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions)
+        groups = 1 if f_u == tail_dropping_fraction else 2  # Lite-CFG: pad each half to its own length
+        out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions, budget_groups=groups)
         return guide(out, cfg_scale, self.in_channels, guidance_channels), record
