@@ -75,6 +75,31 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ upcycle
+def cmd_upcycle(args) -> int:
+    """Build the upcycled DC-DiT, report what was mapped, write it as a dcdit checkpoint file."""
+    import dataclasses
+
+    from .checkpoint import save_weights
+    from .config import load_run_config
+    from .upcycle import freeze_embedders, load_pretrained_dit, upcycle
+
+    cfg = load_run_config(args.config, args.overrides)
+    dit, report = load_pretrained_dit(args.dit, num_heads=args.num_heads)
+    print(report.summary())
+    model, cfg.model = upcycle(dit, cfg.model)
+    cfg.train = dataclasses.replace(cfg.train, upcycle=dataclasses.replace(cfg.train.upcycle, from_dit=str(args.dit)))
+    frozen = freeze_embedders(model)
+    copied = sum(k.startswith("blocks.") for k in model.state_dict())
+    print(f"copied {copied} block tensors and {len(frozen)} embedder tensors (frozen while training); "
+          f"condition adaptor on; positions: token (r, c) at ((r - {cfg.model.pos_offset:g}) * {cfg.model.pos_scale:g}, ...)")
+    if args.out:
+        save_weights(Path(args.out), model.state_dict(), cfg, step=0)
+        print(f"wrote {args.out}")
+    print(f"train it with: dcdit train {args.config} train.upcycle.from_dit={args.dit} train.upcycle.distill_steps=5000")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
@@ -367,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5])
     p.set_defaults(func=cmd_flops)
 
+    p = sub.add_parser("upcycle", help="turn a pretrained DiT (official .pt or diffusers) into a DC-DiT and report the mapping",
+                       description="Load a pretrained DiT from a local path (official release .pt, read with weights_only=True, "
+                                   "or a diffusers DiTTransformer2DModel folder), build a DC-DiT from CONFIG whose inner blocks "
+                                   "and embedders are the DiT's (embedders frozen, a LayerNorm adaptor on the condition in the "
+                                   "encoder and decoder), print mapped / missing / unexpected keys and optionally write it. "
+                                   "Training with train.upcycle.from_dit=... does the same inside `dcdit train`, with "
+                                   "train.upcycle.distill_steps of activation distillation first.")
+    p.add_argument("config", help="DC-DiT YAML config or packaged name with the DiT's width, depth and heads (e.g. DC-DiT-XL-N4)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--dit", required=True, help="pretrained DiT: official .pt file or diffusers folder / .safetensors")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of the DiT (default: from its width)")
+    p.add_argument("--out", default=None, help="write the upcycled model here (.safetensors with its config)")
+    p.set_defaults(func=cmd_upcycle)
+
     p = sub.add_parser("baselines", help="derive isoparam and isoflop DiT configs from a DC-DiT config or checkpoint",
                        description="Write isoparam.yaml (DiT with patch sqrt(N) and the depth closest in parameters) and "
                                    "isoflop.yaml (the smallest depth whose MACs per forward reach the DC-DiT's) next to each "
@@ -405,7 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # section.key=value overrides may also follow the options
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -60,7 +60,9 @@ class DCDiTConfig:
     dechunk_sigma: float = 1.0
     residual_init: str = "zero"
     mask_padding: bool = True
-    cond_adaptor: bool = False
+    cond_adaptor: bool = False  # LayerNorm on c inside encoder and decoder (upcycling, paper §4.4)
+    pos_scale: float = 1.0  # token (r, c) is at ((r − pos_offset)·pos_scale, ...) in the sin-cos table
+    pos_offset: float = 0.0
 
 
 ModelConfig = DiTConfig | DCDiTConfig
@@ -214,6 +216,17 @@ class MultiBudgetConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """Start a DC-DiT from a pretrained DiT (paper §4.4): ``from_dit`` is an official ``.pt`` or a
+    diffusers DiT folder; the first ``distill_steps`` steps train on activation distillation."""
+
+    from_dit: str | None = None
+    num_heads: int | None = None  # the state dict cannot tell; default: the official DiT sizes' heads
+    distill_steps: int = 0
+    freeze_embedders: bool = True
+
+
+@dataclass
 class TrainConfig:
     steps: int = 400_000
     global_batch_size: int = 256
@@ -225,6 +238,7 @@ class TrainConfig:
     ratio_loss_weight: float = 0.03
     ratio_batch_size: int = 16
     multi_budget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     log_every: int = 100
@@ -263,8 +277,9 @@ def _dataclass_from_dict(cls, d: dict, where: str):
     if unknown:
         raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; valid keys in {where}: {', '.join(valid)}")
     kwargs = _typed_kwargs(cls, d, where)
-    if "multi_budget" in kwargs:
-        kwargs["multi_budget"] = _dataclass_from_dict(MultiBudgetConfig, kwargs["multi_budget"] or {}, f"{where}.multi_budget")
+    for key, section in (("multi_budget", MultiBudgetConfig), ("upcycle", UpcycleConfig)):
+        if key in kwargs:
+            kwargs[key] = _dataclass_from_dict(section, kwargs[key] or {}, f"{where}.{key}")
     if "fractions" in kwargs:
         kwargs["fractions"] = [_coerce(f, float, f"{where}.fractions") for f in kwargs["fractions"]]
     return cls(**kwargs)

@@ -37,6 +37,7 @@ from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.embedders import LabelEmbedder
 from .ratio_loss import ratio_loss
+from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
 _MIX = 1_000_003  # spreads (seed, step, index) over seed space
 
@@ -74,6 +75,29 @@ def build_train_dataset(cfg: RunConfig):
         check_latent_meta(read_latent_meta(data.root), vae_id=data.vae, latent_scale=data.latent_scale)
         return build_dataset("latents", root=data.root, flip=True if data.flip is None else data.flip)
     return build_dataset(data.name)  # raises with the list of valid names
+
+
+def build_or_upcycle(cfg: RunConfig, fresh: bool):
+    """The model to train, and the frozen teacher when upcycling (``train.upcycle.from_dit``).
+
+    Upcycling rewrites ``cfg.model`` with the upcycling settings (condition adaptor, the DiT's
+    timestep convention, positions in the DiT's patch coordinates) so that checkpoints describe the
+    model exactly; on resume the weights come from the checkpoint instead of the DiT."""
+    up = cfg.train.upcycle
+    if not up.from_dit:
+        return build_model(cfg.model), None
+    if cfg.model.arch != "dcdit":
+        raise ValueError("train.upcycle.from_dit upcycles into a DC-DiT: set model.arch to dcdit")
+    dit, report = load_pretrained_dit(up.from_dit, num_heads=up.num_heads)
+    print(report.summary())
+    if fresh:
+        model, cfg.model = upcycle(dit, cfg.model)
+    else:
+        cfg.model = upcycled_config(dit, cfg.model)
+        model = build_model(cfg.model)
+    if up.freeze_embedders:
+        freeze_embedders(model)
+    return model, dit.eval().requires_grad_(False)
 
 
 def check_data_matches_model(sample: torch.Tensor, model) -> None:
@@ -118,6 +142,7 @@ class _Interval:
     mse: float = 0.0
     vb: float = 0.0
     ratio: float = 0.0
+    distill: float = 0.0
     grad_norm: float = 0.0
     skipped: int = 0
     t0: float = 0.0
@@ -170,12 +195,13 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     accum = G // (world * micro)
 
     torch.manual_seed(tc.seed)  # identical initialisation on every rank
-    model = build_model(cfg.model).to(dev)
+    model, teacher = build_or_upcycle(cfg, fresh=not resume)
+    model = model.to(dev)
     for m in model.modules():  # label dropout is drawn by the loop from the global stream (see module doc)
         if isinstance(m, LabelEmbedder):
             m.dropout_prob = 0.0
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
     dataset = build_train_dataset(cfg)
     check_data_matches_model(dataset[0][0], model)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
@@ -198,7 +224,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
 
-    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
+    if teacher is not None:
+        teacher = teacher.to(dev) if step < tc.upcycle.distill_steps else None
+    # while distilling, the decoder receives no gradient: DDP must tolerate unused parameters
+    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=teacher is not None) if world > 1 else model
     order = EpochOrder(len(dataset), tc.seed)
     T = diffusion.num_timesteps
     C, H, W = dataset[0][0].shape
@@ -248,8 +277,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
             ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 torch.manual_seed(tc.seed * _MIX + step * 7919 + G + rank * accum + a)  # model-internal randomness
+                t, noise = t_all[sl].to(dev), noise_all[sl].to(dev)
                 with autocast_for(dev, tc.mixed_precision):
-                    terms = diffusion.training_losses(ddp, x, t_all[sl].to(dev), model_kwargs=kwargs, noise=noise_all[sl].to(dev))
+                    if teacher is not None and step < tc.upcycle.distill_steps:  # upcycling warm-up (§4.4)
+                        x_t = diffusion.q_sample(x, t, noise=noise)
+                        d_loss, record = distillation_loss(ddp, teacher, x_t, t, y, fraction, student_blocks=model.blocks)
+                        terms = {"loss": d_loss[None], "mse": torch.zeros(1), "aux": record}
+                    else:
+                        d_loss = torch.zeros((), device=dev)
+                        terms = diffusion.training_losses(ddp, x, t, model_kwargs=kwargs, noise=noise)
                 diff_loss = terms["loss"].mean()
                 loss = diff_loss
                 r_loss = torch.zeros((), device=dev)
@@ -266,6 +302,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
             acc.mse += float(terms["mse"].detach().mean()) / accum
             acc.vb += float(terms["vb"].detach().mean()) / accum if "vb" in terms else 0.0
             acc.ratio += float(r_loss.detach()) / accum
+            acc.distill += float(d_loss.detach()) / accum
 
         D.all_reduce_(loss_ok, op=torch.distributed.ReduceOp.MIN if world > 1 else None)
         clip = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
@@ -310,13 +347,13 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
 
 def _log(step, acc: _Interval, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev) -> dict:
     n = max(acc.steps, 1)
-    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm], device=dev) / n
+    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm, acc.distill], device=dev) / n
     D.all_reduce_(means)
     means /= dist_info.world_size
     row = {
         "step": step,
         "loss": float(means[0]), "diffusion_loss": float(means[1]), "mse": float(means[2]), "vb": float(means[3]),
-        "ratio_loss": float(means[4]), "grad_norm": float(means[5]),
+        "ratio_loss": float(means[4]), "grad_norm": float(means[5]), "distill_loss": float(means[6]),
         "steps_per_s": acc.steps / max(time.time() - acc.t0, 1e-9),
         "skipped_steps": skipped_total,
         "tail_fraction": sum(fractions) / max(len(fractions), 1),

@@ -52,6 +52,8 @@ class DCDiT(nn.Module):
         residual_init: str = "zero",
         mask_padding: bool = True,
         cond_adaptor: bool = False,
+        pos_scale: float = 1.0,
+        pos_offset: float = 0.0,
     ):
         super().__init__()
         D = hidden_size
@@ -79,7 +81,9 @@ class DCDiT(nn.Module):
         self.encoder = ConvStage(enc, D, conv_norm_groups, cond_adaptor)
         # 2. Router.  3. Chunking has no parameters; positions are a fixed 2D sin-cos table.
         self.router = build_router(router, D, target_ratio)
-        pos = torch.from_numpy(get_2d_sincos_pos_embed(D, self.grid)).float()
+        # Token (r, c) sits at ((r − pos_offset)·pos_scale, (c − pos_offset)·pos_scale): the identity by
+        # default; an upcycled DiT/P uses the centre of its P×P patch grid (see dcdit.upcycle).
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(D, self.grid, pos_scale, pos_offset)).float()
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, L, D)
         # 4. Inner network: the DiT blocks of the baseline.
         self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])

@@ -88,17 +88,19 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int]) -> np.ndarray:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
     """Fixed 2D sin-cos table, (H·W, D) in raster order (the MAE / DiT layout).
 
     The first half of the channels encodes the column (w) coordinate, the second half the row (h)
     coordinate, each as [sin, cos] over D/4 frequencies 1/10000^(k/(D/4)). Rows and columns are
-    separate, so non-square grids work.
+    separate, so non-square grids work. Cell (r, c) sits at coordinates ((r − offset)·scale,
+    (c − offset)·scale); the defaults give DiT's integer grid.
     """
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     if embed_dim % 4:
         raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {embed_dim}")
-    rows, cols = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
+    r, c = (np.arange(n, dtype=np.float64) for n in (gh, gw))
+    rows, cols = np.meshgrid((r - offset) * scale, (c - offset) * scale, indexing="ij")
     return np.concatenate(
         [_1d_sincos(embed_dim // 2, cols.reshape(-1)), _1d_sincos(embed_dim // 2, rows.reshape(-1))], axis=1
     )
