@@ -163,3 +163,16 @@ def test_multi_budget_draws_from_the_set_after_the_start_step(tmp_path):
     for r, f in zip(rows, fractions):  # effective compression ≥ natural, equal without dropping
         nat, eff = float(r["compression_mean"]), float(r["effective_compression_mean"])
         assert eff >= nat - 1e-6 and (f > 0 or abs(eff - nat) < 1e-6)
+
+
+def test_init_from_starts_a_fine_tune_from_a_checkpoint(tmp_path):
+    train(load_run_config("mnist", TINY + ["train.steps=2"]), tmp_path / "pre", progress=False)
+    pre = weights(tmp_path / "pre", 2, "ema")
+    cfg = load_run_config("mnist", TINY + ["train.steps=1", "train.lr=1e-12", f"train.init_from={tmp_path / 'pre'}"])
+    train(cfg, tmp_path / "ft", progress=False)
+    ft = weights(tmp_path / "ft", 1)
+    for k in pre:  # started from the EMA weights of the pre-training run (lr ~0: one step moves nothing visible)
+        torch.testing.assert_close(ft[k], pre[k], atol=1e-6, rtol=0)
+    other = load_run_config("mnist", TINY + ["train.steps=1", "model.hidden_size=64", f"train.init_from={tmp_path / 'pre'}"])
+    with pytest.raises(ValueError, match="shape mismatches"):
+        train(other, tmp_path / "bad", progress=False)

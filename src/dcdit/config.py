@@ -239,6 +239,7 @@ class TrainConfig:
     ratio_batch_size: int = 16
     multi_budget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    init_from: str | None = None  # fine-tune: start from these weights (a dcdit run, checkpoint or .safetensors)
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     log_every: int = 100

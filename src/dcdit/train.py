@@ -100,6 +100,24 @@ def build_or_upcycle(cfg: RunConfig, fresh: bool):
     return model, dit.eval().requires_grad_(False)
 
 
+def init_weights_from(model: torch.nn.Module, path: str) -> None:
+    """Fine-tuning start: copy the weights of a dcdit checkpoint (EMA weights of a run / checkpoint
+    folder, or a .safetensors file). Parameters the checkpoint lacks (e.g. newly added DyDiT routers)
+    keep their initialisation and are listed; unexpected or mis-shaped keys are errors."""
+    p = Path(path)
+    file = find_checkpoint(p) / "ema.safetensors" if p.is_dir() else p
+    state, _, step = read_weights(file)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if unexpected or shapes:
+        raise ValueError(f"train.init_from={path}: the checkpoint does not fit the model: unexpected keys {unexpected[:5]}, "
+                         f"shape mismatches {sorted(shapes)[:5]}; check the model section of the config")
+    model.load_state_dict(state, strict=False)
+    new = sorted(set(own) - set(state))
+    print(f"initialised from {file} (step {step}): {len(state)} tensors loaded" + (f", new: {', '.join(new[:6])}" if new else ""))
+
+
 def check_data_matches_model(sample: torch.Tensor, model) -> None:
     C, H, W = sample.shape
     if C != model.in_channels or (H, W) != tuple(model.grid):
@@ -223,7 +241,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
         set_rng_state(ts["rng"])
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
-
+    elif tc.init_from:
+        init_weights_from(model, tc.init_from)
+        ema.load_state_dict(model.state_dict())
     if teacher is not None:
         teacher = teacher.to(dev) if step < tc.upcycle.distill_steps else None
     # while distilling, the decoder receives no gradient: DDP must tolerate unused parameters
