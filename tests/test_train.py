@@ -176,3 +176,23 @@ def test_init_from_starts_a_fine_tune_from_a_checkpoint(tmp_path):
     other = load_run_config("mnist", TINY + ["train.steps=1", "model.hidden_size=64", f"train.init_from={tmp_path / 'pre'}"])
     with pytest.raises(ValueError, match="shape mismatches"):
         train(other, tmp_path / "bad", progress=False)
+
+
+def test_dydit_fine_tune_logs_the_flops_loss(tmp_path):
+    """model.dydit=true + train.init_from: the FLOPs-target loss is added, logged, and trains the routers."""
+    train(load_run_config("mnist", TINY + ["train.steps=2"]), tmp_path / "pre", progress=False)
+    cfg = load_run_config("mnist", TINY + ["train.steps=3", "model.dydit=true", f"train.init_from={tmp_path / 'pre'}",
+                                          "train.dydit_target=0.5", "train.dydit_warmup_steps=0", "train.lr=1e-2"])
+    train(cfg, tmp_path / "ft", progress=False)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "ft" / "log.csv")))
+    ratios = [float(r["dydit_flops_ratio"]) for r in rows]
+    losses = [float(r["dydit_flops_loss"]) for r in rows]
+    assert all(0 < r <= 1.0 + 1e-6 for r in ratios)
+    from dcdit.models.dydit import flops_target
+
+    for step, (r, loss) in enumerate(zip(ratios, losses)):  # loss = (mean executed/static − target)², per step
+        assert loss == pytest.approx((r - flops_target(step, 0, 0.5)) ** 2, rel=1e-4, abs=1e-9)
+    pre, ft = weights(tmp_path / "pre", 2, "ema"), weights(tmp_path / "ft", 3)
+    assert any(k.endswith("router.weight") or "_router" in k for k in set(ft) - set(pre))  # new router parameters

@@ -63,6 +63,11 @@ class DCDiTConfig:
     cond_adaptor: bool = False  # LayerNorm on c inside encoder and decoder (upcycling, paper §4.4)
     pos_scale: float = 1.0  # token (r, c) is at ((r − pos_offset)·pos_scale, ...) in the sin-cos table
     pos_offset: float = 0.0
+    # DyDiT gates in the inner blocks (paper §4.5; docs/dydit.md). Off: the plain DC-DiT.
+    dydit: bool = False
+    dydit_token_hidden_ratio: float = 0.0625  # token router hidden width = D · ratio (DyDiT: D/16)
+    dydit_tau: float = 5.0  # Gumbel-sigmoid temperature (at threshold 0.5 it only scales the STE gradient)
+    dydit_threshold: float = 0.5  # a gate is on when sigmoid((logit + noise) / tau) > threshold
 
 
 ModelConfig = DiTConfig | DCDiTConfig
@@ -240,6 +245,9 @@ class TrainConfig:
     multi_budget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     init_from: str | None = None  # fine-tune: start from these weights (a dcdit run, checkpoint or .safetensors)
+    dydit_target: float = 0.7  # DyDiT FLOPs target λ of the inner blocks (model.dydit=true; paper §4.5)
+    dydit_warmup_steps: int = 5000  # linear ramp of the target from 1.0 to λ
+    dydit_loss_weight: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     log_every: int = 100

@@ -45,6 +45,13 @@ final_layer         adaLN D → 2d (per sample) + Linear d → C_out on L positi
 ==================  ================================================================================
 
 M may be a float (e.g. an average kept count); the result is then a float.
+
+DyDiT (``cfg.dydit``, models/dydit.py): each inner block is charged as executed. With h heads and g
+of the H MLP channel groups on and n tokens through the MLP: attention_linear 4·D²·M·h/H,
+attention_matmul 2·M²·D·h/H, mlp 2·mlp_ratio·D²·(g/H)·n, adaLN 6·D², and ``blocks.dydit_routers``:
+the two width routers 2·D·(H − 1) per sample plus the token router (D·r + r)·M (r = its hidden
+width). ``dcdit_macs(cfg, M, dydit_usage=...)`` takes the per-block (h, g, n); without it every gate
+is counted on. :func:`record_macs` turns a forward pass's RoutingRecord into per-sample counts.
 """
 
 from __future__ import annotations
@@ -124,6 +131,47 @@ def _dit_blocks(D: int, depth: int, mlp_ratio: float, tokens: float) -> dict[str
     }
 
 
+def dydit_block_macs(cfg: DCDiTConfig, tokens: int | float, heads_on: int, groups_on: int, mlp_tokens: int | float) -> dict[str, float]:
+    """MACs of ONE DyDiT-gated inner block for one sample with ``tokens`` real tokens, ``heads_on`` of
+    the H heads and ``groups_on`` of the H MLP channel groups active and ``mlp_tokens`` tokens through
+    the MLP (the always-on head/group 0 included in the counts)."""
+    from .models.dydit import token_router_width
+
+    D, H = cfg.hidden_size, cfg.num_heads
+    hidden = int(D * cfg.mlp_ratio)
+    if not (1 <= heads_on <= H and 1 <= groups_on <= H):
+        raise ValueError(f"heads_on and groups_on must lie in [1, {H}], got {heads_on}, {groups_on}")
+    if not 0 <= mlp_tokens <= tokens:
+        raise ValueError(f"mlp_tokens must lie in [0, tokens={tokens}], got {mlp_tokens}")
+    width = heads_on * (D // H)  # q/k/v channels that run
+    units = groups_on * (hidden // H)  # MLP hidden units that run
+    r = token_router_width(D, cfg.dydit_token_hidden_ratio)
+    return {
+        "blocks.attention_linear": _linear(tokens, D, 3 * width) + _linear(tokens, width, D),
+        "blocks.attention_matmul": 2 * tokens * tokens * width,
+        "blocks.mlp": _linear(mlp_tokens, D, units) + _linear(mlp_tokens, units, D),
+        "blocks.adaLN": _linear(1, D, 6 * D),
+        "blocks.dydit_routers": 2 * _linear(1, D, H - 1) + _linear(tokens, D, r) + _linear(tokens, r, 1),
+    }
+
+
+def _inner_blocks(cfg: DCDiTConfig, M: int | float, dydit_usage=None) -> dict[str, float]:
+    """The inner blocks of a DC-DiT on M tokens; DyDiT blocks per ``dydit_usage`` (all on if None)."""
+    if not getattr(cfg, "dydit", False):
+        if dydit_usage is not None:
+            raise ValueError("dydit_usage given for a model without DyDiT gates (model.dydit is false)")
+        return _dit_blocks(cfg.hidden_size, cfg.depth, cfg.mlp_ratio, M)
+    H = cfg.num_heads
+    usage = [(H, H, M)] * cfg.depth if dydit_usage is None else list(dydit_usage)
+    if len(usage) != cfg.depth:
+        raise ValueError(f"dydit_usage has {len(usage)} blocks, the model has depth {cfg.depth}")
+    total: dict[str, float] = {}
+    for heads_on, groups_on, mlp_tokens in usage:
+        for name, macs in dydit_block_macs(cfg, M, heads_on, groups_on, mlp_tokens).items():
+            total[name] = total.get(name, 0) + macs
+    return total
+
+
 def _res_block(L: int, c_in: int, mid: int, c_out: int, cond: int) -> int:
     macs = _conv(L, c_in, mid, 3) + _linear(1, cond, mid) + _conv(L, mid, c_out, 3)
     if c_in != c_out:
@@ -163,8 +211,11 @@ def dit_macs(cfg: DiTConfig) -> FlopBreakdown:
     return FlopBreakdown(f"DiT (D={D}, depth={cfg.depth}, P={P}, {H}x{W})", comps, T, T)
 
 
-def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float) -> FlopBreakdown:
-    """MACs of one DC-DiT forward pass for one sample whose inner sequence has ``kept_tokens`` (M)."""
+def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None) -> FlopBreakdown:
+    """MACs of one DC-DiT forward pass for one sample whose inner sequence has ``kept_tokens`` (M).
+
+    DyDiT models (``cfg.dydit``): ``dydit_usage`` is one (heads on, groups on, tokens through the MLP)
+    per inner block (``models.dydit.dydit_usage`` gives it per sample); None counts every gate on."""
     H, W = as_grid(cfg.input_size)
     L, C, D = H * W, cfg.in_channels, cfg.hidden_size
     d = cfg.encoder_width or D // 4
@@ -181,14 +232,27 @@ def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float) -> FlopBreakdown:
         "encoder": sum(_res_block(L, i, m, o, D) for i, m, o in enc),
         "router": _router(cfg.router, D, L),
         "chunk": 0,
-        **_dit_blocks(D, cfg.depth, cfg.mlp_ratio, M),
+        **_inner_blocks(cfg, M, dydit_usage),
         "dechunk.smoothing": 2 * M * M + M * M * D,
         "dechunk.plug_back": 2 * L * M,
         "residual_proj": _linear(L, D, D),
         "decoder": sum(_res_block(L, i, m, o, D) for i, m, o in dec),
         "final_layer": _linear(1, D, 2 * d) + _linear(L, d, c_out),
     }
-    return FlopBreakdown(f"DC-DiT (D={D}, d={d}, depth={cfg.depth}, {H}x{W}, router={cfg.router})", comps, L, M)
+    dy = ", DyDiT" if getattr(cfg, "dydit", False) else ""
+    return FlopBreakdown(f"DC-DiT (D={D}, d={d}, depth={cfg.depth}, {H}x{W}, router={cfg.router}{dy})", comps, L, M)
+
+
+def record_macs(cfg: DCDiTConfig, record) -> list[FlopBreakdown]:
+    """Per-sample MACs of the forward pass that produced ``record`` (a RoutingRecord): each sample at
+    its own kept count and, with DyDiT, the heads / groups / MLP tokens its blocks actually ran."""
+    if getattr(record, "dydit", None) is None:
+        return [dcdit_macs(cfg, int(m)) for m in record.kept_count.tolist()]
+    from .models.dydit import dydit_usage
+
+    # M_b = the slots the blocks treated as real: the kept count (with mask_padding=False and padding
+    # in the batch, every slot: the padding then runs as ordinary tokens)
+    return [dcdit_macs(cfg, int(m), u) for m, u in zip(record.dydit.tokens.tolist(), dydit_usage(record))]
 
 
 def nominal_kept_tokens(cfg: DCDiTConfig) -> float:
@@ -230,7 +294,9 @@ def sampling_flops(cfg: ModelConfig, result_trace: list[dict], cfg_guidance: boo
     DC-DiT: every step charges each image ``dcdit_macs(cfg, kept)`` for its conditional forward and,
     with guidance, ``dcdit_macs(cfg, uncond_kept)`` for its own unconditional forward (Lite-CFG makes
     the two differ). DiT: the fixed count × steps (× 2 with guidance). ``cfg_guidance=None`` infers
-    guidance from the trace (``uncond_kept`` present).
+    guidance from the trace (``uncond_kept`` present). DyDiT: a trace entry may carry ``dydit`` (and
+    ``uncond_dydit``), per image the per-block (heads on, groups on, MLP tokens) of that forward
+    (``models.dydit.dydit_usage`` of the half's record); each image is then charged as executed.
 
     Returns a dict with ``images``, ``steps``, ``forward_passes_per_image``, ``macs_per_image`` (mean
     over the images), ``macs_per_image_each`` (list), ``mean_macs_per_forward``, ``tflops_per_image``
@@ -265,17 +331,18 @@ def sampling_flops(cfg: ModelConfig, result_trace: list[dict], cfg_guidance: boo
                 counts = _counts(value)
                 if len(counts) != images:
                     raise ValueError(f"trace step {k}: {key} has {len(counts)} entries, expected {images}")
+                usage = entry.get("dydit" if key == "kept" else "uncond_dydit")  # DyDiT: per image, per block
                 for i, m in enumerate(counts):
-                    per_image[i][m] += 1
+                    per_image[i][m if usage is None else (m, tuple(map(tuple, usage[i])))] += 1
                 if key == "kept":
                     kept_sum += sum(counts)
                 else:
                     uncond_sum += sum(counts)
-        cache: dict[int, FlopBreakdown] = {}
+        cache: dict = {}
 
-        def breakdown(m: int) -> FlopBreakdown:
+        def breakdown(m) -> FlopBreakdown:  # m: kept count, or (kept count, DyDiT usage)
             if m not in cache:
-                cache[m] = dcdit_macs(cfg, m)
+                cache[m] = dcdit_macs(cfg, *m) if isinstance(m, tuple) else dcdit_macs(cfg, m)
             return cache[m]
 
         each = [sum(breakdown(m).total * n for m, n in hist.items()) for hist in per_image]

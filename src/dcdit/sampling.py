@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .models.dydit import dydit_usage
+
 __all__ = [
     "SampleResult",
     "generate",
@@ -308,10 +310,14 @@ def generate(
                     cond = rec.split(2)[0] if use_cfg else rec
                     entry["kept"] = cond.kept_count.detach().cpu().long()
                     entry["natural"] = cond.natural_mask.sum(1).detach().cpu().long()
+                    if cond.dydit is not None:  # DyDiT gates: what each inner block really executed
+                        entry["dydit"] = dydit_usage(cond)
                     if use_cfg:
                         unc = rec.split(2)[1]
                         entry["uncond_kept"] = unc.kept_count.detach().cpu().long()
                         entry["uncond_natural"] = unc.natural_mask.sum(1).detach().cpu().long()
+                        if unc.dydit is not None:
+                            entry["uncond_dydit"] = dydit_usage(unc)
                 else:
                     full = torch.full((B,), n_patches if n_patches is not None else H * W, dtype=torch.long)
                     entry["kept"] = full

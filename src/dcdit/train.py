@@ -36,6 +36,7 @@ from .config import RunConfig, build_model, model_config_to_dict, save_run_confi
 from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.embedders import LabelEmbedder
+from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target
 from .ratio_loss import ratio_loss
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
@@ -161,6 +162,8 @@ class _Interval:
     vb: float = 0.0
     ratio: float = 0.0
     distill: float = 0.0
+    dydit_loss: float = 0.0
+    dydit_ratio: float = 0.0
     grad_norm: float = 0.0
     skipped: int = 0
     t0: float = 0.0
@@ -313,6 +316,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
                 if record is not None:
                     r_loss = ratio_loss(record, cfg.model.target_ratio, tc.ratio_batch_size)
                     loss = loss + tc.ratio_loss_weight * r_loss
+                    if record.dydit is not None:  # DyDiT: inner-block FLOPs toward the target λ
+                        target = flops_target(step, tc.dydit_warmup_steps, tc.dydit_target)
+                        f_loss = dydit_flops_loss(record, cfg.model, target)
+                        loss = loss + tc.dydit_loss_weight * f_loss
+                        acc.dydit_loss += float(f_loss.detach()) / accum
+                        acc.dydit_ratio += float(dydit_flops_ratio(record, cfg.model).detach().mean()) / accum
                     ratios_nat.append(record.natural_compression_ratio.detach().cpu())
                     ratios_eff.append(record.compression_ratio.detach().cpu())
                 loss_ok = loss_ok * torch.isfinite(loss.detach()).float()
@@ -367,13 +376,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
 
 def _log(step, acc: _Interval, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev) -> dict:
     n = max(acc.steps, 1)
-    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm, acc.distill], device=dev) / n
+    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm, acc.distill,
+                          acc.dydit_loss, acc.dydit_ratio], device=dev) / n
     D.all_reduce_(means)
     means /= dist_info.world_size
     row = {
         "step": step,
         "loss": float(means[0]), "diffusion_loss": float(means[1]), "mse": float(means[2]), "vb": float(means[3]),
         "ratio_loss": float(means[4]), "grad_norm": float(means[5]), "distill_loss": float(means[6]),
+        "dydit_flops_loss": float(means[7]), "dydit_flops_ratio": float(means[8]),
         "steps_per_s": acc.steps / max(time.time() - acc.t0, 1e-9),
         "skipped_steps": skipped_total,
         "tail_fraction": sum(fractions) / max(len(fractions), 1),

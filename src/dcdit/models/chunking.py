@@ -22,6 +22,8 @@ class RoutingRecord:
                   order, then padding filled with its next-highest-p non-kept tokens.
     kept_count:   (B,) long, real kept tokens per sample (slots ≥ kept_count are padding).
     grid:         (H, W).
+    dydit:        optional DyDiT gate decisions of the inner blocks (``models.dydit.DyDiTRecord``);
+                  None unless the model was built with ``dydit=True``.
     """
 
     p: torch.Tensor
@@ -30,6 +32,7 @@ class RoutingRecord:
     kept_idx: torch.Tensor
     kept_count: torch.Tensor
     grid: tuple[int, int]
+    dydit: object | None = None
 
     @property
     def slot_mask(self) -> torch.Tensor:
@@ -53,12 +56,19 @@ class RoutingRecord:
         M = max(r.kept_idx.shape[1] for r in records)
         idx = [torch.cat([r.kept_idx, r.kept_idx[:, -1:].expand(-1, M - r.kept_idx.shape[1])], 1) for r in records]
         fields = (torch.cat([getattr(r, k) for r in records]) for k in ("p", "natural_mask", "kept_mask"))
-        return RoutingRecord(*fields, torch.cat(idx), torch.cat([r.kept_count for r in records]), records[0].grid)
+        out = RoutingRecord(*fields, torch.cat(idx), torch.cat([r.kept_count for r in records]), records[0].grid)
+        if all(r.dydit is not None for r in records):
+            out.dydit = type(records[0].dydit).cat([r.dydit for r in records])
+        return out
 
     def split(self, sections: int) -> list["RoutingRecord"]:
         """Split along the batch (e.g. the [cond; uncond] halves of a CFG batch)."""
         parts = zip(*(t.chunk(sections) for t in (self.p, self.natural_mask, self.kept_mask, self.kept_idx, self.kept_count)))
-        return [RoutingRecord(*fields, grid=self.grid) for fields in parts]
+        out = [RoutingRecord(*fields, grid=self.grid) for fields in parts]
+        if self.dydit is not None:
+            for r, d in zip(out, self.dydit.split(sections)):
+                r.dydit = d
+        return out
 
 
 def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from .chunking import RoutingRecord, gather_tokens, route_and_plan
 from .conv_blocks import ConvStage
 from .dechunking import DeChunk
 from .dit_block import DiTBlock, FinalLayer
+from .dydit import DyDiTRecord, DynamicDiTBlock
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .guidance import guide
 from .input_checks import as_grid, check_inputs
@@ -54,6 +55,10 @@ class DCDiT(nn.Module):
         cond_adaptor: bool = False,
         pos_scale: float = 1.0,
         pos_offset: float = 0.0,
+        dydit: bool = False,
+        dydit_token_hidden_ratio: float = 1 / 16,
+        dydit_tau: float = 5.0,
+        dydit_threshold: float = 0.5,
     ):
         super().__init__()
         D = hidden_size
@@ -71,6 +76,7 @@ class DCDiT(nn.Module):
         self.class_dropout_prob = class_dropout_prob
         self.residual_init = residual_init
         self.mask_padding = mask_padding
+        self.dydit = dydit
 
         # Conditioning and the P = 1 embedder (3×3 "same" conv C → d).
         self.x_embedder = PatchEmbed(in_channels, d, kernel_size=3, stride=1, padding=1)
@@ -86,7 +92,11 @@ class DCDiT(nn.Module):
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, self.grid, pos_scale, pos_offset)).float()
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, L, D)
         # 4. Inner network: the DiT blocks of the baseline.
-        self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])
+        if dydit:  # DyDiT gates in the inner blocks (paper §4.5, models/dydit.py); DiTBlock names are kept
+            self.blocks = nn.ModuleList([DynamicDiTBlock(D, num_heads, mlp_ratio, dydit_token_hidden_ratio, dydit_tau,
+                                                         dydit_threshold) for _ in range(depth)])
+        else:
+            self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])
         # 5. De-chunking, and the residual around the inner network (kept in fp32).
         self.dechunk = DeChunk(dechunk_sigma)
         self.residual_proj = nn.Linear(D, D)
@@ -119,6 +129,9 @@ class DCDiT(nn.Module):
             nn.init.constant_(layer.bias, 0)
         if hasattr(self.router, "reset_parameters"):
             self.router.reset_parameters()
+        for block in self.blocks:
+            if isinstance(block, DynamicDiTBlock):
+                block.reset_router_parameters()  # all gates on at init
         if self.residual_init == "zero":
             nn.init.constant_(self.residual_proj.weight, 0)
 
@@ -134,7 +147,8 @@ class DCDiT(nn.Module):
             num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
         )
         B = x.shape[0]
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        t_emb = self.t_embedder(t)  # (B, D); DyDiT's width routers read it alone
+        c = t_emb + self.y_embedder(y, self.training)  # (B, D)
 
         h = self.encoder(self.x_embedder.proj(x), c)  # 1. encode: (B, L, D)
         p, natural = self.router(h, self.grid)  # 2. route: (B, L) each
@@ -142,7 +156,7 @@ class DCDiT(nn.Module):
         records, zs = [], []
         for g in torch.arange(B, device=x.device).chunk(budget_groups):
             record = route_and_plan(p[g], natural[g], fractions[g], self.grid)
-            zs.append(self.process_chunks(h[g], c[g], record))  # 3.–5. chunk, inner blocks, de-chunk
+            zs.append(self.process_chunks(h[g], c[g], record, t_emb[g]))  # 3.–5. chunk, inner blocks, de-chunk
             records.append(record)
         record = RoutingRecord.cat(records) if budget_groups > 1 else records[0]
         z = torch.cat(zs) if budget_groups > 1 else zs[0]  # (B, L, D), fp32
@@ -154,13 +168,18 @@ class DCDiT(nn.Module):
         out = self.final_layer(out, c)  # (B, L, C_out)
         return out.transpose(1, 2).reshape(B, self.out_channels, *self.grid), record
 
-    def process_chunks(self, h: torch.Tensor, c: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
-        """Steps 3–5: gather the kept tokens (B, M, D), run the DiT blocks, de-chunk to (B, L, D)."""
+    def process_chunks(self, h: torch.Tensor, c: torch.Tensor, record: RoutingRecord, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 3–5: gather the kept tokens (B, M, D), run the DiT blocks, de-chunk to (B, L, D).
+        With DyDiT the gates' decisions are stored in ``record.dydit`` (t_emb is then required)."""
         z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
         z = z + self.pos_embed[0][record.kept_idx]
         kv_mask = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
+        dy = {"t_emb": t_emb, "stats": []} if self.dydit else {}
         for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
-            z = block(z, c, kv_mask)
+            z = block(z, c, kv_mask, **dy)
+        if self.dydit:
+            real = kv_mask if kv_mask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+            record.dydit = DyDiTRecord.from_blocks(dy["stats"], real)
         return self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
 
     def forward_with_cfg(
