@@ -196,3 +196,18 @@ def test_dydit_fine_tune_logs_the_flops_loss(tmp_path):
         assert loss == pytest.approx((r - flops_target(step, 0, 0.5)) ** 2, rel=1e-4, abs=1e-9)
     pre, ft = weights(tmp_path / "pre", 2, "ema"), weights(tmp_path / "ft", 3)
     assert any(k.endswith("router.weight") or "_router" in k for k in set(ft) - set(pre))  # new router parameters
+
+
+def test_ema_warmup_follows_the_closed_form(tmp_path):
+    """With ema_warmup the EMA after step n is a (1+k)/(10+k)-weighted average; check one tensor by replay."""
+    cfg = load_run_config("mnist", TINY + ["train.steps=2", "train.ckpt_every=1", "train.keep_last=5",
+                                          "train.ema_warmup=true", "train.ema_decay=0.999"])
+    train(cfg, tmp_path / "run", progress=False)
+    raw1, raw2 = weights(tmp_path / "run", 1), weights(tmp_path / "run", 2)
+    ema1, ema2 = weights(tmp_path / "run", 1, "ema"), weights(tmp_path / "run", 2, "ema")
+    for k in ("blocks.0.attn.qkv.weight", "final_layer.linear.weight"):
+        # step index 0 uses decay 1/10 on top of the initial weights; step 1 uses 2/11
+        torch.testing.assert_close(ema2[k], (2 / 11) * ema1[k] + (9 / 11) * raw2[k], atol=1e-6, rtol=0)
+    k = "final_layer.linear.weight"  # zero at init, moved by step 1: the EMA holds 9/10 of it
+    torch.testing.assert_close(ema1[k], 0.9 * raw1[k], atol=1e-7, rtol=0)
+    assert raw1[k].abs().max() > 0

@@ -239,6 +239,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay_n = min(ema_decay, (1 + n) / (10 + n)): short runs get a usable EMA
     grad_clip: float = 1.0
     ratio_loss_weight: float = 0.03
     ratio_batch_size: int = 16

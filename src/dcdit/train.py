@@ -338,7 +338,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if bool(loss_ok) and math.isfinite(float(grad_norm)):
             optimizer.step()
-            update_ema(ema, model, tc.ema_decay)
+            decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+            update_ema(ema, model, decay)
         else:
             acc.skipped += 1
             skipped_total += 1
