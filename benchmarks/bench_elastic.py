@@ -187,32 +187,18 @@ def phase_flops(components: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def cat_records(a: RoutingRecord, b: RoutingRecord) -> RoutingRecord:
-    """Stack two halves' records along the batch; kept_idx is padded with its own last column."""
-    M = max(a.kept_idx.shape[1], b.kept_idx.shape[1])
-
-    def pad(idx):
-        extra = M - idx.shape[1]
-        return idx if extra == 0 else torch.cat([idx, idx[:, -1:].expand(-1, extra)], dim=1)
-
-    return RoutingRecord(
-        torch.cat([a.p, b.p]), torch.cat([a.natural_mask, b.natural_mask]), torch.cat([a.kept_mask, b.kept_mask]),
-        torch.cat([pad(a.kept_idx), pad(b.kept_idx)]), torch.cat([a.kept_count, b.kept_count]), a.grid,
-    )
-
-
-def split_cfg_forward(model, x, t, y, cfg_scale, f_c, f_u, guidance_channels=None):
-    """Lite-CFG as two forward calls, one per half, so each half is padded only to its own maximum."""
+def padded_cfg_forward(model, x, t, y, cfg_scale, f_c, f_u, guidance_channels=None):
+    """Lite-CFG as ONE padded batch: both halves padded to the longer one (``budget_groups=1``), the
+    path ``DCDiT.forward_with_cfg`` took before it ran each half at its own length."""
     n = len(x) // 2
     half = x[:n]
-    out_c, rec_c = model(half, t[:n], y[:n], f_c)
-    out_u, rec_u = model(half, t[n:], y[n:], f_u)
-    out = torch.cat([out_c, out_u])
-    return guide(out, cfg_scale, model.in_channels, guidance_channels), cat_records(rec_c, rec_u)
+    fractions = torch.tensor([f_c] * n + [f_u] * n, dtype=torch.float64, device=x.device)
+    out, rec = model(torch.cat([half, half]), t, y, fractions, budget_groups=1)
+    return guide(out, cfg_scale, model.in_channels, guidance_channels), rec
 
 
 def split_equivalence(model, x2, t2, y2, cfg_scale, f_c, f_u, seed, perturb: bool) -> dict:
-    """Max |difference| between Lite-CFG as one padded batch and as two calls, on the same inputs.
+    """Max |difference| between Lite-CFG as one padded batch and per half (the model's path), on the same inputs.
 
     An untrained DC-DiT has zero-initialised adaLN gates and output layer, so its output is 0 whatever
     the routing; with ``perturb`` the check runs on a copy whose parameters get N(0, 0.02) noise added
@@ -230,13 +216,13 @@ def split_equivalence(model, x2, t2, y2, cfg_scale, f_c, f_u, seed, perturb: boo
         torch.manual_seed(seed)
         a, ra = m.forward_with_cfg(x2, t2, y2, cfg_scale, f_c, f_u)
         torch.manual_seed(seed)
-        b, rb = split_cfg_forward(m, x2, t2, y2, cfg_scale, f_c, f_u)
+        b, rb = padded_cfg_forward(m, x2, t2, y2, cfg_scale, f_c, f_u)
     return dict(perturbed_copy=perturb, max_abs_diff=float((a - b).abs().max()), max_abs_output=float(a.abs().max()),
                 same_kept_counts=bool(torch.equal(ra.kept_count, rb.kept_count)))
 
 
-class SplitCFG(nn.Module):
-    """Wraps a DCDiT so ``generate`` runs Lite-CFG as two forward calls (prototype of the fix).
+class PaddedCFG(nn.Module):
+    """Wraps a DCDiT so ``generate`` runs Lite-CFG as one padded batch (the old path, for comparison).
 
     ``dcdit.sampling`` unwraps ``.module`` for attributes and type checks and calls the wrapper's
     ``forward_with_cfg``."""
@@ -251,9 +237,7 @@ class SplitCFG(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale, tail_dropping_fraction=0.0, uncond_tail_dropping_fraction=None,
                          guidance_channels=None):
         f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
-        if f_u == tail_dropping_fraction:
-            return self.module.forward_with_cfg(x, t, y, cfg_scale, tail_dropping_fraction, None, guidance_channels)
-        return split_cfg_forward(self.module, x, t, y, cfg_scale, tail_dropping_fraction, f_u, guidance_channels)
+        return padded_cfg_forward(self.module, x, t, y, cfg_scale, tail_dropping_fraction, f_u, guidance_channels)
 
 
 class PhaseTimer:
@@ -523,10 +507,10 @@ def main(argv=None):
         def guided_dc(label, fc, fu, split):
             step(f"guided forward {label}")
             torch.manual_seed(args.seed)
-            if split:
-                fn = lambda: split_cfg_forward(dc_model, x2, t2, y2, s, fc, fu)  # noqa: E731
-            else:
+            if split:  # the model's path: each half padded to its own length (budget_groups=2)
                 fn = lambda: dc_model.forward_with_cfg(x2, t2, y2, s, fc, fu)  # noqa: E731
+            else:  # one padded batch
+                fn = lambda: padded_cfg_forward(dc_model, x2, t2, y2, s, fc, fu)  # noqa: E731
             with torch.inference_mode():
                 secs, outs = timed(fn, args.repeats, args.warmup, sync)
             recs = [o[1] for o in outs]
@@ -549,7 +533,7 @@ def main(argv=None):
         row, _ = guided_dc(f"f={ref['fraction']:g}/{ref['fraction']:g}", ref["fraction"], ref["fraction"], False)
         cfg_rows.append(row)
         row_joint, out_joint = guided_dc(f"Lite {f_c:g}/{f_u:g} one batch", f_c, f_u, False)
-        row_split, out_split = guided_dc(f"Lite {f_c:g}/{f_u:g} two calls", f_c, f_u, True)
+        row_split, out_split = guided_dc(f"Lite {f_c:g}/{f_u:g} per half", f_c, f_u, True)
         row_split["max_abs_diff_vs_one_batch"] = float((out_joint - out_split).abs().max())
         row_split["equivalence_check"] = split_equivalence(dc_model, x2, t2, y2, s, f_c, f_u, args.seed,
                                                            perturb=not args.ckpt)
@@ -614,8 +598,9 @@ def main(argv=None):
             smp_rows.append(run_sampling(brow["model"], bmodel, cfg, role=role))
         for f in args.fractions:
             smp_rows.append(run_sampling(f"DC-DiT f={f:g}", dc_model, dc_cfg, f, None, role="dcdit"))
-        smp_rows.append(run_sampling(f"DC-DiT Lite {f_c:g}/{f_u:g} one batch", dc_model, dc_cfg, f_c, f_u, role="lite"))
-        smp_rows.append(run_sampling(f"DC-DiT Lite {f_c:g}/{f_u:g} two calls", SplitCFG(dc_model), dc_cfg, f_c, f_u,
+        smp_rows.append(run_sampling(f"DC-DiT Lite {f_c:g}/{f_u:g} one batch", PaddedCFG(dc_model), dc_cfg, f_c, f_u,
+                                     role="lite"))
+        smp_rows.append(run_sampling(f"DC-DiT Lite {f_c:g}/{f_u:g} per half", dc_model, dc_cfg, f_c, f_u,
                                      calls=2, role="lite-split"))
         for r in smp_rows:
             r["time_ratio"] = r["sec"] / smp_rows[0]["sec"]
@@ -683,7 +668,7 @@ def print_report(res, args, B, dc_cfg, guided):
         split = res["guided_forward"][-1]
         joint = res["guided_forward"][-2]
         eq = split["equivalence_check"]
-        print(f"    Lite-CFG two calls vs one batch: {split['sec'] / joint['sec']:.2f}x the time; same output: "
+        print(f"    Lite-CFG per half vs one padded batch: {split['sec'] / joint['sec']:.2f}x the time; same output: "
               f"max |Δ| = {eq['max_abs_diff']:.1e} (outputs up to {eq['max_abs_output']:.1e}"
               f"{', on a copy with perturbed weights' if eq['perturbed_copy'] else ''}), "
               f"same kept counts: {eq['same_kept_counts']}")
