@@ -46,10 +46,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import dcdit
-import dcdit.models.dcdit as dcdit_module
 from dcdit.config import DCDiTConfig, DiTConfig, build_model, count_parameters, get_preset, model_config_to_dict
 from dcdit.flops import dcdit_macs, dit_depth_for_flops, dit_macs, sampling_flops
-from dcdit.models.chunking import RoutingRecord
 from dcdit.models.guidance import guide
 from dcdit.sampling import generate
 

@@ -25,6 +25,16 @@ TINY_DIT = dict(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests run tiny models whose ops are too small to gain from threads; one thread is as fast
+    and far less sensitive to other processes on a 2-core machine (subprocesses get OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(config: dict, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     return build_model({**config, **overrides})

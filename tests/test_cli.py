@@ -105,7 +105,7 @@ def test_latent_pipeline_extract_train_sample(tmp_path):
     assert meta["num_images"] == 6 and meta["latent_shape"] == [4, 16, 16] and meta["vae_id"] == str(vae_dir)
 
     run = tmp_path / "run"
-    latent = [f"data.name=latents", f"data.root={feats}", f"data.vae={vae_dir}", "data.latent_scale=0.18215",
+    latent = ["data.name=latents", f"data.root={feats}", f"data.vae={vae_dir}", "data.latent_scale=0.18215",
               "model.in_channels=4", "model.input_size=16", "model.num_classes=2"]
     assert main(["train", "mnist", *TINY, *latent, "train.steps=2", "--out", str(run), "--no-progress"]) == 0
     # the wrong VAE is refused, both at training and at sampling time

@@ -14,15 +14,6 @@ diffusion_mod = pytest.importorskip("dcdit.diffusion")
 from dcdit.ratio_loss import ratio_loss  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is as fast and much less sensitive to other processes on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fixed_batch(grid=8, B=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     # smooth-ish images: a few random blobs, plus the fixed noise and timesteps

@@ -15,15 +15,6 @@ from dcdit.sampling import SampleResult, generate, save_settings_json, to_uint8_
 STEPS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by thread overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def dcdit_model(helpers):
     """Tiny DC-DiT with every path live (several boundaries per sample), eval mode."""

@@ -11,12 +11,6 @@ from dcdit.sampling import SampleResult, generate
 from dcdit.viz import make_grid, plot_chunking, plot_compression_vs_timestep, save_image_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

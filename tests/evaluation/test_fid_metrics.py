@@ -16,12 +16,6 @@ from dcdit.evaluation import fid as F
 from dcdit.sampling import write_npz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _spd(d, seed):

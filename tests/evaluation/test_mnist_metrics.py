@@ -15,12 +15,6 @@ from dcdit.evaluation import mnist_classifier as M
 from dcdit.sampling import to_uint8_images, write_npz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,6 @@ from dcdit.evaluation import router_analysis as R
 from dcdit.models.router import hard_boundaries
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class KeepMaskRouter(nn.Module):

@@ -15,7 +15,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dcdit.models.chunking import RoutingRecord, plan_slots, route_and_plan, tail_drop
+from dcdit.models.chunking import plan_slots, route_and_plan, tail_drop
 
 
 def exact_floor(f, n: int) -> int:

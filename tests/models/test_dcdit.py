@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 import dcdit.models.dcdit as dcdit_module
-from dcdit.config import build_model
 from dcdit.models.chunking import RoutingRecord
 from dcdit.models.dcdit import straight_through
 

@@ -18,6 +18,7 @@ from .dechunking import DeChunk
 from .dit_block import DiTBlock, FinalLayer
 from .dydit import DyDiTRecord, DynamicDiTBlock
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
+from .dit import init_conditioning_and_gates, xavier_init_linears
 from .guidance import guide
 from .input_checks import as_grid, check_inputs
 from .router import build_router
@@ -110,23 +111,8 @@ class DCDiT(nn.Module):
         """DiT's scheme (Xavier Linears, zero adaLN gates and output) plus the router's own init
         (identity projections, averaging kernel) and the residual projection: weight zero as in
         H-Net (``residual_init="zero"``, default) or Xavier as the authors' release ends up with."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.constant_(layer.weight, 0)
-            nn.init.constant_(layer.bias, 0)
+        xavier_init_linears(self)
+        init_conditioning_and_gates(self)
         if hasattr(self.router, "reset_parameters"):
             self.router.reset_parameters()
         for block in self.blocks:

@@ -17,6 +17,29 @@ from .guidance import guide
 from .input_checks import as_grid, check_inputs
 
 
+def xavier_init_linears(model: nn.Module) -> None:
+    """Every Linear: Xavier-uniform weight, zero bias (DiT's ``_basic_init``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+
+
+def init_conditioning_and_gates(model: nn.Module) -> None:
+    """DiT's embedder init (N(0, 0.02)) and adaLN-Zero: every block's modulation and the final layer
+    start at zero, so each block is the identity and the output is 0. Shared by DiT and DC-DiT."""
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.constant_(layer.weight, 0)
+        nn.init.constant_(layer.bias, 0)
+
+
 class DiT(nn.Module):
     """x (B, C, H, W), t (B,), y (B,) -> (B, 2C, H, W) when ``learn_sigma`` (ε and variance), else (B, C, H, W).
 
@@ -62,29 +85,13 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: Xavier Linears, fixed sin-cos positions, zero adaLN gates and output."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.token_grid)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        init_conditioning_and_gates(self)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h·w, P²·C) -> (B, C, h·P, w·P); non-square grids keep h and w apart."""
