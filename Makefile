@@ -17,9 +17,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dcdit demo --out demo_output
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 .PHONY: install demo test test-slow
