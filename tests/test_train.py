@@ -91,6 +91,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert killed.returncode != 0  # it really died
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "0000004"
     run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "killed" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # rows logged after the checkpoint were replaced
     a, b = weights(tmp_path / "straight", 6), weights(tmp_path / "killed", 6)
     assert a.keys() == b.keys()
     for k in a:

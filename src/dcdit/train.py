@@ -170,8 +170,17 @@ class _Interval:
 
 
 class CSVLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
+        if resume_step is not None and path.exists():  # drop rows logged after the checkpoint we resume from
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                keep = [r for r in rows if int(r["step"]) <= resume_step]
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    w.writeheader()
+                    w.writerows(keep)
 
     def write(self, row: dict) -> None:
         new = not self.path.exists()
@@ -259,7 +268,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, run_dir / "config.yaml")
-        csv_log = CSVLog(run_dir / "log.csv")
+        csv_log = CSVLog(run_dir / "log.csv", resume_step=step if resume else None)
         tb = _open_tensorboard(run_dir, tc.tensorboard)
         wb = _open_wandb(cfg, run_dir, tc.wandb)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and dist_info.is_main), desc="train", dynamic_ncols=True)
