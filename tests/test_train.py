@@ -213,3 +213,15 @@ def test_ema_warmup_follows_the_closed_form(tmp_path):
     k = "final_layer.linear.weight"  # zero at init, moved by step 1: the EMA holds 9/10 of it
     torch.testing.assert_close(ema1[k], 0.9 * raw1[k], atol=1e-7, rtol=0)
     assert raw1[k].abs().max() > 0
+
+
+def test_csv_log_keeps_columns_aligned_when_they_change(tmp_path):
+    from dcdit.train import CSVLog
+
+    log = CSVLog(tmp_path / "log.csv")
+    log.write({"step": 1, "loss": 0.5})
+    log.write({"step": 2, "loss": 0.4, "distill_loss": 0.1})
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert rows == [{"step": "1", "loss": "0.5", "distill_loss": ""}, {"step": "2", "loss": "0.4", "distill_loss": "0.1"}]

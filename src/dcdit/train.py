@@ -183,10 +183,22 @@ class CSVLog:
                     w.writerows(keep)
 
     def write(self, row: dict) -> None:
-        new = not self.path.exists()
+        header = None
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), None)
+        if header is not None and header != list(row):  # columns changed (e.g. a newer dcdit resumed the run)
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            fields = header + [k for k in row if k not in header]
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
+                w.writeheader()
+                w.writerows(rows)
+            header = fields
         with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+            w = csv.DictWriter(f, fieldnames=header or list(row), restval="")
+            if header is None:
                 w.writeheader()
             w.writerow(row)
 
