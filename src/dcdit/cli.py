@@ -149,6 +149,19 @@ def _labels(args, num_classes: int) -> torch.Tensor:
     return torch.tensor([c for c in classes for _ in range(args.per_class)], dtype=torch.long)
 
 
+def _generate(model, labels, args, cfg, device, **kwargs):
+    """``dcdit.sampling.generate`` with the sampling flags of ``sample`` / ``sample-ddp`` / ``demo``;
+    pixel-space models clip x0 to [-1, 1], latent models do not."""
+    from .sampling import generate
+
+    return generate(
+        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
+        guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
+        uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
+        device=device, clip_denoised=cfg.data.name != "latents", **kwargs,
+    )
+
+
 def _sampling_settings(args, cfg, step) -> dict:
     return {
         "ckpt": str(args.ckpt), "ckpt_step": step, "weights": "raw" if args.raw_weights else "ema",
@@ -163,7 +176,7 @@ def _sampling_settings(args, cfg, step) -> dict:
 def sample_to_folder(args) -> dict:
     """Generate, decode and write the grid, chunking visualisation, compression plot and settings."""
     from .flops import sampling_flops
-    from .sampling import generate, save_settings_json
+    from .sampling import save_settings_json
     from .viz import plot_chunking, plot_compression_vs_timestep, save_image_grid
 
     model, cfg, step, device = _load_for_sampling(args)
@@ -171,12 +184,7 @@ def sample_to_folder(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels(args, model.num_classes)
     t0 = time.time()
-    result = generate(
-        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
-        guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
-        uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-        seed=args.seed, device=device, progress=not args.no_progress, clip_denoised=cfg.data.name != "latents",
-    )
+    result = _generate(model, labels, args, cfg, device, seed=args.seed, progress=not args.no_progress)
     seconds = time.time() - t0
     decode = _decoder_for(cfg, args.vae, device)
     images = decode(result.samples)
@@ -209,7 +217,7 @@ def cmd_sample_ddp(args) -> int:
     from PIL import Image
 
     from . import distributed as D
-    from .sampling import generate, save_settings_json, to_uint8_images, write_npz
+    from .sampling import save_settings_json, to_uint8_images, write_npz
 
     info = D.setup(args.device)
     args.device = str(info.device)
@@ -224,12 +232,7 @@ def cmd_sample_ddp(args) -> int:
     from tqdm.auto import tqdm
 
     for idx in tqdm(my_batches, disable=not info.is_main or args.no_progress, desc="sample-ddp"):
-        result = generate(
-            model, all_labels[list(idx)], sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
-            guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
-            uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-            seed=args.seed * 1_000_003 + idx[0], device=device, num_snapshots=0, clip_denoised=cfg.data.name != "latents",
-        )
+        result = _generate(model, all_labels[list(idx)], args, cfg, device, seed=args.seed * 1_000_003 + idx[0], num_snapshots=0)
         for i, img in zip(idx, to_uint8_images(decode(result.samples))):
             Image.fromarray(img).save(out / "images" / f"{i:06d}.png")
     D.barrier()
