@@ -80,6 +80,13 @@ def test_sample_ddp_writes_pngs_and_adm_npz(tmp_path):
     assert pngs == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png").convert("RGB")), arr[3])
     assert json.loads((out / "settings.json").read_text())["num_samples"] == 5
+    # `dcdit evaluate` on the output folder reads the .npz and its labels
+    from dcdit.evaluation.mnist_classifier import classify, uint8_to_mnist
+
+    assert main(["evaluate", str(out), "--no-progress"]) == 0
+    mnist = json.loads((out / "evaluation.json").read_text())["metrics"]["mnist"]
+    expected = (classify(uint8_to_mnist(arr)) == npz["arr_1"]).mean()
+    assert mnist["num_samples"] == 5 and mnist["class_accuracy"] == pytest.approx(expected)
 
 
 def test_latent_pipeline_extract_train_sample(tmp_path):

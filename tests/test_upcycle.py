@@ -46,6 +46,25 @@ def test_official_layout_checkpoint_loads_and_reproduces(tmp_path):
         assert torch.equal(model.eval()(x, t, y), src(x, t, y))  # the EMA weights, bit for bit
 
 
+def test_a_dit_trained_by_dcdit_loads_from_its_run_folder(tmp_path):
+    """Upcycling our own DiT baseline: the run folder's latest EMA weights, with its config."""
+    from dcdit.checkpoint import save_weights
+    from dcdit.config import RunConfig
+
+    src = random_dit(seed=3)
+    cfg = RunConfig(model=model_config_from_dict({"arch": "dit", **DIT_KW}))
+    ckpt = tmp_path / "run" / "checkpoints" / "0000007"
+    ckpt.mkdir(parents=True)
+    save_weights(ckpt / "ema.safetensors", src.state_dict(), cfg, step=7)
+    save_weights(ckpt / "model.safetensors", {k: v * 0 for k, v in src.state_dict().items()}, cfg, step=7)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("0000007")
+    model, report = load_pretrained_dit(tmp_path / "run")
+    assert report.format == "dcdit run" and report.config["num_heads"] == DIT_KW["num_heads"]
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), src(x, t, y))
+
+
 def test_diffusers_layout_loads_and_reproduces_the_source(tmp_path):
     from diffusers import DiTTransformer2DModel
 

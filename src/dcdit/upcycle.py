@@ -85,6 +85,28 @@ def dit_config_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
     )
 
 
+def _dcdit_dit_weights(path: Path):
+    """(DiT, its config, step) when ``path`` is a DiT written by ``dcdit train`` (run / checkpoint folder or its
+    ``.safetensors``); None for anything else."""
+    from .checkpoint import CONFIG_KEY, find_checkpoint, load_model
+
+    try:
+        weights = find_checkpoint(path) / "ema.safetensors" if path.is_dir() else path
+    except FileNotFoundError:
+        return None
+    if weights.suffix != ".safetensors" or not weights.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        if CONFIG_KEY not in (f.metadata() or {}):
+            return None
+    model, cfg, step = load_model(weights)
+    if cfg.model.arch != "dit":
+        raise ValueError(f"{path} is a dcdit {cfg.model.arch!r} checkpoint; upcycling starts from a DiT")
+    return model, cfg.model, step
+
+
 def load_pretrained_dit(path: str | Path, num_heads: int | None = None, input_size=None) -> tuple[DiT, LoadReport]:
     """An official DiT ``.pt`` or a diffusers DiT (folder / ``.safetensors``) -> (our DiT, report)."""
     from .diffusers_convert import diffusers_to_dit_state_dict, dit_config_from_diffusers
@@ -92,6 +114,13 @@ def load_pretrained_dit(path: str | Path, num_heads: int | None = None, input_si
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pretrained DiT {path} does not exist (nothing is downloaded: pass a local path)")
+    own_run = _dcdit_dit_weights(path)
+    if own_run is not None:
+        dit, dit_cfg, step = own_run
+        config = {k: v for k, v in dataclasses.asdict(dit_cfg).items() if k != "arch"}
+        report = LoadReport(str(path), "dcdit run", config, sorted(dit.state_dict()),
+                            notes=[f"a DiT trained by `dcdit train` (EMA weights, step {step})"])
+        return dit, report
     if path.is_dir() or path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

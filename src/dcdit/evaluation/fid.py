@@ -767,7 +767,7 @@ def _jsonable(v):
 
 def add_evaluate_args(parser) -> None:
     """Arguments of ``dcdit evaluate``."""
-    parser.add_argument("samples", help="generated images: a folder of PNGs or an ADM .npz (arr_0 uint8 NxHxWx3)")
+    parser.add_argument("samples", help="generated images: a folder of PNGs, an ADM .npz (arr_0 uint8 NxHxWx3) or a `dcdit sample-ddp` output folder")
     parser.add_argument("--ref", default=None,
                         help="reference: a folder, an .npz of images (arr_0), or statistics written by --save-ref-stats")
     parser.add_argument("--feature-extractor", default=None,
@@ -805,6 +805,8 @@ def evaluate_main(args) -> int:
         extractor = load_feature_extractor(args.feature_extractor, kind=args.extractor_kind,
                                            input_range=args.extractor_input_range, resize=args.resize, device=args.device)
     samples = Path(args.samples)
+    if samples.is_dir() and (samples / "samples.npz").exists():
+        samples = samples / "samples.npz"  # a `dcdit sample-ddp` output folder: its .npz carries the labels
     settings, settings_path = find_settings(samples) if samples.exists() else (None, None)
     res = evaluate_samples(
         str(samples), args.ref, extractor=extractor, metrics=args.metrics, labels_path=args.labels, settings=settings,

@@ -1,0 +1,215 @@
+"""The MNIST-scale reproduction of DC-DiT's claims (docs/results.md), one resumable script.
+
+Every run uses `dcdit train` on the embedded default (configs/mnist.yaml) at the same batch (32) and
+number of steps; every evaluation samples the same labels with the same seed and sampler and scores
+them with the packaged MNIST classifier (MNIST-FID against the 500 held-out digits, class accuracy,
+IS-style score). What is already done is skipped, an interrupted run resumes from its checkpoint.
+
+    python scripts/reproduce_mnist.py --out runs/repro                  # everything
+    python scripts/reproduce_mnist.py --out runs/repro --only train     # or eval / router / report
+    python scripts/reproduce_mnist.py --out runs/repro --seeds 0 1      # a second seed of the main pair
+
+Runs (paper arXiv 2603.06351 §4):
+  dcdit        DC-DiT, N=4, learned (cosine) router                     claims (a)–(c)
+  isoparam     DiT/2, same width/heads/depth (params closest)          claim (a)
+  isoflop      DiT/2 with the depth whose MACs reach the DC-DiT's      claim (a)
+  random       DC-DiT with the random router                           claim (d)
+  multibudget  DC-DiT trained with tail-drop fractions {0,.25,.5,.75}  claim (e)
+  upcycle / upcycle_distill: DC-DiT upcycled from `isoparam` (§4.4), half the steps, without / with
+               250 steps of activation distillation, against `dcdit` at the same step
+  dydit        `dcdit` fine-tuned with DyDiT gates to λ = 0.7 (§4.5)
+
+Writes ``<out>/results.json``, ``<out>/results.md`` (the tables of docs/results.md) and
+``<out>/figures/*.png``. On 2 CPU cores a 1,000-step DC-DiT run takes 35–70 min (1 thread each, two
+runs side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dcdit.checkpoint import load_model
+from dcdit.evaluation.mnist_classifier import mnist_metrics
+from dcdit.flops import sampling_flops
+from dcdit.sampling import generate, write_npz, to_uint8_images
+from dcdit.viz import save_image_grid
+
+MULTI_BUDGET = [0.0, 0.25, 0.5, 0.75]
+COMMON = ["train.ckpt_every=250", "train.keep_last=10", "train.log_every=50"]
+
+
+def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[str], int]]:
+    """name -> (config, overrides, steps). Baseline configs come from `dcdit baselines mnist`."""
+    cfgs = out / "configs"
+    r = {}
+    for s in seeds:
+        r[f"dcdit_s{s}"] = ("mnist", [f"train.seed={s}"], steps)
+        r[f"isoparam_s{s}"] = (str(cfgs / "isoparam.yaml"), [f"train.seed={s}"], steps)
+    r["isoflop_s0"] = (str(cfgs / "isoflop.yaml"), ["train.seed=0"], steps)
+    r["random_s0"] = ("mnist", ["train.seed=0", "model.router=random"], steps)
+    r["multibudget_s0"] = ("mnist", ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", "")], steps)
+    up = ["train.seed=0", f"train.upcycle.from_dit={out / 'isoparam_s0'}"]
+    r["upcycle_s0"] = ("mnist", up, steps // 2)
+    r["upcycle_distill_s0"] = ("mnist", up + ["train.upcycle.distill_steps=250"], steps // 2)
+    r["dydit_s0"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={out / 'dcdit_s0'}",
+                               "train.lr=1e-4", "train.dydit_target=0.7", "train.dydit_warmup_steps=100"], 300)
+    return r
+
+
+def run_done(run_dir: Path, steps: int) -> bool:
+    summary = run_dir / "train_summary.json"
+    return summary.exists() and json.loads(summary.read_text())["step"] >= steps
+
+
+def train(out: Path, name: str, config: str, overrides: list[str], steps: int) -> None:
+    run_dir = out / name
+    if run_done(run_dir, steps):
+        return
+    cmd = ["dcdit", "train", config, *COMMON, f"train.steps={steps}", *overrides, "--out", str(run_dir)]
+    if (run_dir / "checkpoints" / "latest").exists():
+        cmd.append("--resume")
+    print("$", " ".join(cmd), flush=True)
+    with open(out / f"{name}.log", "a") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path, float]]:
+    """eval name -> (checkpoint, tail-dropping fraction)."""
+    ev = {}
+    for s in seeds:
+        ev[f"dcdit_s{s}"] = (out / f"dcdit_s{s}", 0.0)
+        ev[f"isoparam_s{s}"] = (out / f"isoparam_s{s}", 0.0)
+    ev["isoflop_s0"] = (out / "isoflop_s0", 0.0)
+    ev["random_s0"] = (out / "random_s0", 0.0)
+    for f in MULTI_BUDGET:
+        ev[f"multibudget_s0@tail{f}"] = (out / "multibudget_s0", f)
+        ev[f"dcdit_s0@tail{f}"] = (out / "dcdit_s0", f)
+    ev[f"dcdit_s0@step{steps // 2}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 2:07d}", 0.0)
+    ev["upcycle_s0"] = (out / "upcycle_s0", 0.0)
+    ev["upcycle_distill_s0"] = (out / "upcycle_distill_s0", 0.0)
+    ev["dydit_s0"] = (out / "dydit_s0", 0.0)
+    return ev
+
+
+def evaluate(out: Path, name: str, ckpt: Path, tail: float, args) -> dict | None:
+    """Sample args.num_samples digits (equal classes), score them; cached in eval/<name>/result.json."""
+    folder = out / "eval" / name
+    result_file = folder / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    if not ckpt.exists():
+        print(f"skip {name}: {ckpt} not trained yet", flush=True)
+        return None
+    model, cfg, step = load_model(ckpt)
+    labels = torch.arange(args.num_samples) % cfg.model.num_classes
+    t0 = time.perf_counter()
+    res = generate(model, labels, sampler="ddim", num_sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale,
+                   tail_dropping_fraction=tail, seed=0, num_snapshots=0, progress=True)
+    seconds = time.perf_counter() - t0
+    flops = sampling_flops(cfg.model, res.trace)
+    metrics = mnist_metrics(res.samples, labels)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_npz(to_uint8_images(res.samples), folder / "samples.npz", labels=labels.numpy())
+    order = torch.argsort(labels, stable=True)[: 10 * 8].view(10, 8).T.reshape(-1)  # 8 per class, columns = classes
+    save_image_grid(res.samples[order], folder / "grid.png", nrow=10)
+    result = {
+        "ckpt": str(ckpt), "step": step, "arch": cfg.model.arch, "tail_dropping_fraction": tail,
+        "num_samples": args.num_samples, "sampler": "ddim", "sampling_steps": args.sampling_steps,
+        "cfg_scale": args.cfg_scale, "seed": 0, "threads": torch.get_num_threads(),
+        "sampling_seconds": seconds, "gflops_per_image": 2 * flops["macs_per_image"] / 1e9,
+        "mean_kept": flops.get("mean_kept"), "tokens": res.trace[0]["tokens"],
+        "mnist_fid": metrics["mnist_fid"], "class_accuracy": metrics["class_accuracy"], "mnist_is": metrics["mnist_is"],
+    }
+    result_file.write_text(json.dumps(result, indent=2))
+    print(f"{name}: {json.dumps({k: result[k] for k in ('mnist_fid', 'class_accuracy', 'mean_kept', 'gflops_per_image')})}", flush=True)
+    return result
+
+
+def router_analysis(out: Path, name: str) -> dict | None:
+    folder = out / "router" / name
+    if not (folder / "router_analysis.json").exists():
+        if not (out / name).exists():
+            return None
+        subprocess.run(["dcdit", "analyze-router", "--ckpt", str(out / name), "--out", str(folder),
+                        "--num-images", "200", "--sampling-steps", "50"], check=True)
+    return json.loads((folder / "router_analysis.json").read_text())
+
+
+def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
+    walls = {}
+    for name in train_runs:
+        s = out / name / "train_summary.json"
+        if s.exists():
+            walls[name] = json.loads(s.read_text())
+    lines = ["| run | step | MNIST-FID ↓ | class acc ↑ | IS ↑ | tokens kept / L | GFLOPs / image | sampling s | train wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if r is None:
+            continue
+        base = name.split("@")[0]
+        kept = f"{r['mean_kept']:.1f} / {r['tokens']}" if r["mean_kept"] is not None else f"{256} patches"
+        wall = walls.get(base, {}).get("wall_time_s")
+        lines.append(f"| {name} | {r['step']} | {r['mnist_fid']:.1f} | {r['class_accuracy']:.3f} | {r['mnist_is']:.2f} | "
+                     f"{kept} | {r['gflops_per_image']:.2f} | {r['sampling_seconds']:.0f} | "
+                     f"{'' if wall is None or '@' in name else f'{wall:.0f}'} |")
+    for name, ra in routers.items():
+        if ra is None:
+            continue
+        lines += ["", f"Router {name}: foreground / background retention on held-out digits noised to t", "",
+                  "| t | fg tokens kept | bg tokens kept | fg share of kept (image fg share) | compression |", "|---|---|---|---|---|"]
+        for row in ra["retention"]:
+            lines.append(f"| {row['t']} | {row['mean_fg_retention']:.3f} | {row['mean_bg_retention']:.3f} | "
+                         f"{row['mean_fg_share_of_kept']:.3f} ({row['mean_fg_fraction']:.3f}) | {row['mean_compression_ratio']:.2f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"evaluations": results, "training": walls}, indent=2))
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/repro")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps of every from-scratch run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", choices=["train", "eval", "router", "report"], nargs="+")
+    ap.add_argument("--runs", nargs="+", help="only these run / evaluation names")
+    ap.add_argument("--num-samples", type=int, default=200)
+    ap.add_argument("--sampling-steps", type=int, default=25)
+    ap.add_argument("--cfg-scale", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    stages = set(args.only or ["train", "eval", "router", "report"])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not (out / "configs" / "isoflop.yaml").exists():
+        subprocess.run(["dcdit", "baselines", "mnist", "--out", str(out / "configs")], check=True)
+    train_runs = runs(out, args.steps, args.seeds)
+    if "train" in stages:
+        for name, (config, overrides, steps) in train_runs.items():
+            if not args.runs or name in args.runs:
+                train(out, name, config, overrides, steps)
+    results = {}
+    if stages & {"eval", "report"}:
+        for name, (ckpt, tail) in evaluations(out, args.seeds, args.steps).items():
+            if "eval" in stages and (not args.runs or name in args.runs):
+                results[name] = evaluate(out, name, ckpt, tail, args)
+            elif (out / "eval" / name / "result.json").exists():
+                results[name] = json.loads((out / "eval" / name / "result.json").read_text())
+    routers = {}
+    if stages & {"router", "report"}:
+        for name in ("dcdit_s0", "random_s0", "multibudget_s0"):
+            if "router" in stages or (out / "router" / name / "router_analysis.json").exists():
+                routers[name] = router_analysis(out, name)
+    if "report" in stages:
+        report(out, results, train_runs, routers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
