@@ -14,10 +14,10 @@ Runs (paper arXiv 2603.06351 §4):
   isoparam     DiT/2, same width/heads/depth (params closest)          claim (a)
   isoflop      DiT/2 with the depth whose MACs reach the DC-DiT's      claim (a)
   random       DC-DiT with the random router                           claim (d)
-  multibudget  DC-DiT trained with tail-drop fractions {0,.25,.5,.75}  claim (e)
+  multibudget  DC-DiT, tail-drop fractions {0,.25,.5,.75} from mid-run  claim (e)
   upcycle / upcycle_distill: DC-DiT upcycled from `isoparam` (§4.4), half the steps, without / with
                250 steps of activation distillation, against `dcdit` at the same step
-  dydit        `dcdit` fine-tuned with DyDiT gates to λ = 0.7 (§4.5)
+  dydit_demo   the shipped demo checkpoint fine-tuned 300 steps with DyDiT gates to λ = 0.7 (§4.5)
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables of docs/results.md) and
 ``<out>/figures/*.png``. On 2 CPU cores a 1,000-step DC-DiT run takes 35–70 min (1 thread each, two
@@ -29,19 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from dcdit.checkpoint import load_model
-from dcdit.evaluation.mnist_classifier import mnist_metrics
+from dcdit.evaluation.mnist_classifier import mnist_metrics, uint8_to_mnist
 from dcdit.flops import sampling_flops
 from dcdit.sampling import generate, write_npz, to_uint8_images
 from dcdit.viz import save_image_grid
 
+DEMO = resources.files("dcdit") / "assets" / "mnist_dcdit.safetensors"
 MULTI_BUDGET = [0.0, 0.25, 0.5, 0.75]
 COMMON = ["train.ckpt_every=250", "train.keep_last=10", "train.log_every=50"]
 
@@ -55,12 +58,16 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
         r[f"isoparam_s{s}"] = (str(cfgs / "isoparam.yaml"), [f"train.seed={s}"], steps)
     r["isoflop_s0"] = (str(cfgs / "isoflop.yaml"), ["train.seed=0"], steps)
     r["random_s0"] = ("mnist", ["train.seed=0", "model.router=random"], steps)
-    r["multibudget_s0"] = ("mnist", ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", "")], steps)
-    up = ["train.seed=0", f"train.upcycle.from_dit={out / 'isoparam_s0'}"]
+    # multi-budget from the middle of the run (the release starts at 50K of 400K): until then it is the
+    # `dcdit_s0` run bit for bit (same seed, per-step randomness), so it resumes from that checkpoint
+    r["multibudget_s0"] = ("mnist", ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", ""),
+                                     f"train.multi_budget.start_step={steps // 2}"], steps)
+    up = ["train.seed=0", f"train.upcycle.from_dit={(out / 'isoparam_s0').resolve()}"]
     r["upcycle_s0"] = ("mnist", up, steps // 2)
     r["upcycle_distill_s0"] = ("mnist", up + ["train.upcycle.distill_steps=250"], steps // 2)
-    r["dydit_s0"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={out / 'dcdit_s0'}",
-                               "train.lr=1e-4", "train.dydit_target=0.7", "train.dydit_warmup_steps=100"], 300)
+    # DyDiT fine-tunes the best-trained DC-DiT we have: the shipped demo checkpoint (3,000 steps)
+    r["dydit_demo"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={DEMO}", "train.lr=1e-4",
+                                 "train.dydit_target=0.7", "train.dydit_warmup_steps=100", "train.ckpt_every=100"], 300)
     return r
 
 
@@ -74,6 +81,12 @@ def train(out: Path, name: str, config: str, overrides: list[str], steps: int) -
     if run_done(run_dir, steps):
         return
     cmd = ["dcdit", "train", config, *COMMON, f"train.steps={steps}", *overrides, "--out", str(run_dir)]
+    if name.startswith("multibudget") and not run_dir.exists():  # branch off the plain run at start_step
+        start = f"{steps // 2:07d}"
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(out / "dcdit_s0" / "checkpoints" / start, run_dir / "checkpoints" / start)
+        (run_dir / "checkpoints" / "latest").write_text(start)
+        shutil.copy(out / "dcdit_s0" / "log.csv", run_dir / "log.csv")
     if (run_dir / "checkpoints" / "latest").exists():
         cmd.append("--resume")
     print("$", " ".join(cmd), flush=True)
@@ -95,7 +108,8 @@ def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path
     ev[f"dcdit_s0@step{steps // 2}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 2:07d}", 0.0)
     ev["upcycle_s0"] = (out / "upcycle_s0", 0.0)
     ev["upcycle_distill_s0"] = (out / "upcycle_distill_s0", 0.0)
-    ev["dydit_s0"] = (out / "dydit_s0", 0.0)
+    ev["demo"] = (Path(str(DEMO)), 0.0)
+    ev["dydit_demo"] = (out / "dydit_demo", 0.0)
     return ev
 
 
@@ -105,21 +119,24 @@ def evaluate(out: Path, name: str, ckpt: Path, tail: float, args) -> dict | None
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    if not ckpt.exists():
-        print(f"skip {name}: {ckpt} not trained yet", flush=True)
+    run_dir = ckpt if ckpt.is_dir() and (ckpt / "checkpoints").exists() else None
+    if not ckpt.exists() or (run_dir is not None and not (run_dir / "train_summary.json").exists()):
+        print(f"skip {name}: {ckpt} not trained (to the end) yet", flush=True)
         return None
     model, cfg, step = load_model(ckpt)
     labels = torch.arange(args.num_samples) % cfg.model.num_classes
     t0 = time.perf_counter()
     res = generate(model, labels, sampler="ddim", num_sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale,
-                   tail_dropping_fraction=tail, seed=0, num_snapshots=0, progress=True)
+                   tail_dropping_fraction=tail, seed=0, num_snapshots=0, clip_denoised=True, progress=True)
     seconds = time.perf_counter() - t0
     flops = sampling_flops(cfg.model, res.trace)
-    metrics = mnist_metrics(res.samples, labels)
     folder.mkdir(parents=True, exist_ok=True)
-    write_npz(to_uint8_images(res.samples), folder / "samples.npz", labels=labels.numpy())
-    order = torch.argsort(labels, stable=True)[: 10 * 8].view(10, 8).T.reshape(-1)  # 8 per class, columns = classes
-    save_image_grid(res.samples[order], folder / "grid.png", nrow=10)
+    images = to_uint8_images(res.samples)  # scored as `dcdit evaluate` scores the .npz
+    write_npz(images, folder / "samples.npz", labels=labels.numpy())
+    metrics = mnist_metrics(uint8_to_mnist(images), labels)
+    per_class = torch.stack([torch.nonzero(labels == c)[:8, 0] for c in range(10)])  # (10, 8)
+    order = per_class.T.reshape(-1)  # 8 rows, one column per class
+    save_image_grid(res.samples[order].clamp(-1, 1), folder / "grid.png", nrow=10)
     result = {
         "ckpt": str(ckpt), "step": step, "arch": cfg.model.arch, "tail_dropping_fraction": tail,
         "num_samples": args.num_samples, "sampler": "ddim", "sampling_steps": args.sampling_steps,
@@ -180,8 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", choices=["train", "eval", "router", "report"], nargs="+")
     ap.add_argument("--runs", nargs="+", help="only these run / evaluation names")
-    ap.add_argument("--num-samples", type=int, default=200)
-    ap.add_argument("--sampling-steps", type=int, default=25)
+    ap.add_argument("--num-samples", type=int, default=100)
+    ap.add_argument("--sampling-steps", type=int, default=10)
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     args = ap.parse_args(argv)
     out = Path(args.out)
