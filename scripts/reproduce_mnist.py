@@ -15,8 +15,8 @@ Runs (paper arXiv 2603.06351 §4):
   isoflop      DiT/2 with the depth whose MACs reach the DC-DiT's      claim (a)
   random       DC-DiT with the random router                           claim (d)
   multibudget  DC-DiT, tail-drop fractions {0,.25,.5,.75} from mid-run  claim (e)
-  upcycle / upcycle_distill: DC-DiT upcycled from `isoparam` (§4.4), half the steps, without / with
-               250 steps of activation distillation, against `dcdit` at the same step
+  upcycle / upcycle_distill: DC-DiT upcycled from `isoparam_s0` (§4.4) for a quarter of the steps,
+               without / with 100 steps of activation distillation, against `dcdit_s0` at that step
   dydit_demo   the shipped demo checkpoint fine-tuned 300 steps with DyDiT gates to λ = 0.7 (§4.5)
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables of docs/results.md) and
@@ -27,6 +27,7 @@ runs side by side).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -63,8 +64,9 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
     r["multibudget_s0"] = ("mnist", ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", ""),
                                      f"train.multi_budget.start_step={steps // 2}"], steps)
     up = ["train.seed=0", f"train.upcycle.from_dit={(out / 'isoparam_s0').resolve()}"]
-    r["upcycle_s0"] = ("mnist", up, steps // 2)
-    r["upcycle_distill_s0"] = ("mnist", up + ["train.upcycle.distill_steps=250"], steps // 2)
+    # a quarter of the from-scratch budget (the paper: 12.5%), compared with `dcdit_s0` at that step
+    r["upcycle_s0"] = ("mnist", up + ["train.log_every=25"], steps // 4)
+    r["upcycle_distill_s0"] = ("mnist", up + ["train.log_every=25", f"train.upcycle.distill_steps={steps // 10}"], steps // 4)
     # DyDiT fine-tunes the best-trained DC-DiT we have: the shipped demo checkpoint (3,000 steps)
     r["dydit_demo"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={DEMO}", "train.lr=1e-4",
                                  "train.dydit_target=0.7", "train.dydit_warmup_steps=100", "train.ckpt_every=100"], 300)
@@ -106,6 +108,7 @@ def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path
         ev[f"multibudget_s0@tail{f}"] = (out / "multibudget_s0", f)
         ev[f"dcdit_s0@tail{f}"] = (out / "dcdit_s0", f)
     ev[f"dcdit_s0@step{steps // 2}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 2:07d}", 0.0)
+    ev[f"dcdit_s0@step{steps // 4}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 4:07d}", 0.0)
     ev["upcycle_s0"] = (out / "upcycle_s0", 0.0)
     ev["upcycle_distill_s0"] = (out / "upcycle_distill_s0", 0.0)
     ev["demo"] = (Path(str(DEMO)), 0.0)
@@ -150,12 +153,13 @@ def evaluate(out: Path, name: str, ckpt: Path, tail: float, args) -> dict | None
     return result
 
 
-def router_analysis(out: Path, name: str) -> dict | None:
+def router_analysis(out: Path, name: str, ckpt: Path) -> dict | None:
+    """`dcdit analyze-router`: fg / bg retention on 200 held-out digits, compression over a sampling run."""
     folder = out / "router" / name
     if not (folder / "router_analysis.json").exists():
-        if not (out / name).exists():
+        if not ckpt.exists():
             return None
-        subprocess.run(["dcdit", "analyze-router", "--ckpt", str(out / name), "--out", str(folder),
+        subprocess.run(["dcdit", "analyze-router", "--ckpt", str(ckpt), "--out", str(folder),
                         "--num-images", "200", "--sampling-steps", "50"], check=True)
     return json.loads((folder / "router_analysis.json").read_text())
 
@@ -177,6 +181,19 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
         lines.append(f"| {name} | {r['step']} | {r['mnist_fid']:.1f} | {r['class_accuracy']:.3f} | {r['mnist_is']:.2f} | "
                      f"{kept} | {r['gflops_per_image']:.2f} | {r['sampling_seconds']:.0f} | "
                      f"{'' if wall is None or '@' in name else f'{wall:.0f}'} |")
+    lines += ["", "Training (same seed → same images, timesteps and noise at every step for every run):", "",
+              "| run | steps | ε-MSE, mean of the last 200 steps' log rows | compression (natural) | wall s |", "|---|---|---|---|---|"]
+    for name in train_runs:
+        log = out / name / "log.csv"
+        if not log.exists() or name not in walls:
+            continue
+        with open(log) as f:
+            rows = list(csv.DictReader(f))
+        last = [r for r in rows if int(r["step"]) > walls[name]["step"] - 200]
+        mse = sum(float(r["mse"]) for r in last) / len(last)
+        comp = sum(float(r.get("compression_mean") or "nan") for r in last) / len(last)
+        walls[name]["mse_last200"], walls[name]["compression_last200"] = mse, comp
+        lines.append(f"| {name} | {walls[name]['step']} | {mse:.4f} | {comp:.2f} | {walls[name]['wall_time_s']:.0f} |")
     for name, ra in routers.items():
         if ra is None:
             continue
@@ -220,9 +237,9 @@ def main(argv=None) -> int:
                 results[name] = json.loads((out / "eval" / name / "result.json").read_text())
     routers = {}
     if stages & {"router", "report"}:
-        for name in ("dcdit_s0", "random_s0", "multibudget_s0"):
+        for name, ckpt in (("demo", Path(str(DEMO))), ("dcdit_s0", out / "dcdit_s0"), ("random_s0", out / "random_s0")):
             if "router" in stages or (out / "router" / name / "router_analysis.json").exists():
-                routers[name] = router_analysis(out, name)
+                routers[name] = router_analysis(out, name, ckpt)
     if "report" in stages:
         report(out, results, train_runs, routers)
     return 0
