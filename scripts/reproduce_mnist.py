@@ -47,6 +47,8 @@ from dcdit.viz import save_image_grid
 
 DEMO = resources.files("dcdit") / "assets" / "mnist_dcdit.safetensors"
 MULTI_BUDGET = [0.0, 0.25, 0.5, 0.75]
+EVAL_TAILS = [0.0, 0.5]  # tail-drop fractions evaluated (each DC-DiT evaluation costs minutes on a CPU)
+DCDIT = [sys.executable, "-m", "dcdit"]  # this interpreter's dcdit, PATH or not
 COMMON = ["train.ckpt_every=250", "train.keep_last=10", "train.log_every=50"]
 
 
@@ -82,7 +84,7 @@ def train(out: Path, name: str, config: str, overrides: list[str], steps: int) -
     run_dir = out / name
     if run_done(run_dir, steps):
         return
-    cmd = ["dcdit", "train", config, *COMMON, f"train.steps={steps}", *overrides, "--out", str(run_dir)]
+    cmd = [*DCDIT, "train", config, *COMMON, f"train.steps={steps}", *overrides, "--out", str(run_dir)]
     if name.startswith("multibudget") and not run_dir.exists():  # branch off the plain run at start_step
         start = f"{steps // 2:07d}"
         (run_dir / "checkpoints").mkdir(parents=True)
@@ -104,9 +106,10 @@ def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path
         ev[f"isoparam_s{s}"] = (out / f"isoparam_s{s}", 0.0)
     ev["isoflop_s0"] = (out / "isoflop_s0", 0.0)
     ev["random_s0"] = (out / "random_s0", 0.0)
-    for f in MULTI_BUDGET:
+    for f in EVAL_TAILS:
         ev[f"multibudget_s0@tail{f}"] = (out / "multibudget_s0", f)
-        ev[f"dcdit_s0@tail{f}"] = (out / "dcdit_s0", f)
+        if f > 0:  # fraction 0 is the `dcdit_s0` row
+            ev[f"dcdit_s0@tail{f}"] = (out / "dcdit_s0", f)
     ev[f"dcdit_s0@step{steps // 2}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 2:07d}", 0.0)
     ev[f"dcdit_s0@step{steps // 4}"] = (out / "dcdit_s0" / "checkpoints" / f"{steps // 4:07d}", 0.0)
     ev["upcycle_s0"] = (out / "upcycle_s0", 0.0)
@@ -159,7 +162,7 @@ def router_analysis(out: Path, name: str, ckpt: Path) -> dict | None:
     if not (folder / "router_analysis.json").exists():
         if not ckpt.exists():
             return None
-        subprocess.run(["dcdit", "analyze-router", "--ckpt", str(ckpt), "--out", str(folder),
+        subprocess.run([*DCDIT, "analyze-router", "--ckpt", str(ckpt), "--out", str(folder),
                         "--num-images", "200", "--sampling-steps", "50"], check=True)
     return json.loads((folder / "router_analysis.json").read_text())
 
@@ -181,19 +184,29 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
         lines.append(f"| {name} | {r['step']} | {r['mnist_fid']:.1f} | {r['class_accuracy']:.3f} | {r['mnist_is']:.2f} | "
                      f"{kept} | {r['gflops_per_image']:.2f} | {r['sampling_seconds']:.0f} | "
                      f"{'' if wall is None or '@' in name else f'{wall:.0f}'} |")
-    lines += ["", "Training (same seed → same images, timesteps and noise at every step for every run):", "",
-              "| run | steps | ε-MSE, mean of the last 200 steps' log rows | compression (natural) | wall s |", "|---|---|---|---|---|"]
-    for name in train_runs:
+    def window_mse(name: str, end: int) -> float | None:
+        """Mean logged ε-MSE over steps (end - 200, end] of run ``name``."""
         log = out / name / "log.csv"
-        if not log.exists() or name not in walls:
-            continue
+        if not log.exists():
+            return None
         with open(log) as f:
-            rows = list(csv.DictReader(f))
-        last = [r for r in rows if int(r["step"]) > walls[name]["step"] - 200]
-        mse = sum(float(r["mse"]) for r in last) / len(last)
+            rows = [r for r in csv.DictReader(f) if end - 200 < int(r["step"]) <= end and r["mse"]]
+        return sum(float(r["mse"]) for r in rows) / len(rows) if rows else None
+
+    lines += ["", "Training (same seed → same images, timesteps and noise at every step for every run):", "",
+              "| run | steps | ε-MSE, mean of the last 200 steps | dcdit_s0 over the same steps | compression (natural) | wall s |",
+              "|---|---|---|---|---|---|"]
+    for name in train_runs:
+        if name not in walls:
+            continue
+        end = walls[name]["step"]
+        with open(out / name / "log.csv") as f:
+            last = [r for r in csv.DictReader(f) if end - 200 < int(r["step"]) <= end]
         comp = sum(float(r.get("compression_mean") or "nan") for r in last) / len(last)
-        walls[name]["mse_last200"], walls[name]["compression_last200"] = mse, comp
-        lines.append(f"| {name} | {walls[name]['step']} | {mse:.4f} | {comp:.2f} | {walls[name]['wall_time_s']:.0f} |")
+        mse, ref = window_mse(name, end), window_mse("dcdit_s0", end)
+        walls[name].update(mse_last200=mse, dcdit_s0_mse_same_steps=ref, compression_last200=comp)
+        lines.append(f"| {name} | {end} | {mse:.4f} | {'' if ref is None else f'{ref:.4f}'} | {comp:.2f} | "
+                     f"{walls[name]['wall_time_s']:.0f} |")
     for name, ra in routers.items():
         if ra is None:
             continue
@@ -222,7 +235,7 @@ def main(argv=None) -> int:
     stages = set(args.only or ["train", "eval", "router", "report"])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not (out / "configs" / "isoflop.yaml").exists():
-        subprocess.run(["dcdit", "baselines", "mnist", "--out", str(out / "configs")], check=True)
+        subprocess.run([*DCDIT, "baselines", "mnist", "--out", str(out / "configs")], check=True)
     train_runs = runs(out, args.steps, args.seeds)
     if "train" in stages:
         for name, (config, overrides, steps) in train_runs.items():
