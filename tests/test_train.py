@@ -200,6 +200,23 @@ def test_dydit_fine_tune_logs_the_flops_loss(tmp_path):
     assert any(k.endswith("router.weight") or "_router" in k for k in set(ft) - set(pre))  # new router parameters
 
 
+def test_dydit_router_lr_puts_exactly_the_routers_in_their_own_group():
+    from dcdit.config import build_model
+    from dcdit.train import parameter_groups
+
+    cfg = load_run_config("mnist", TINY + ["model.dydit=true", "train.lr=1e-4", "train.dydit_router_lr=1e-2"])
+    model = build_model(cfg.model)
+    groups = parameter_groups(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    routers = {names[id(p)] for p in groups[1]["params"]}
+    expected = {n for n, _ in model.named_parameters() if "_router." in n}
+    assert groups[1]["lr"] == 1e-2 and groups[0]["lr"] == 1e-4 and routers == expected and expected
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    plain = load_run_config("mnist", TINY + ["train.dydit_router_lr=1e-2"])
+    with pytest.raises(ValueError, match="no DyDiT routers"):
+        parameter_groups(build_model(plain.model), plain.train)
+
+
 def test_ema_warmup_follows_the_closed_form(tmp_path):
     """With ema_warmup the EMA after step n is a (1+k)/(10+k)-weighted average; check one tensor by replay."""
     cfg = load_run_config("mnist", TINY + ["train.steps=2", "train.ckpt_every=1", "train.keep_last=5",

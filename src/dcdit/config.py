@@ -249,6 +249,7 @@ class TrainConfig:
     dydit_target: float = 0.7  # DyDiT FLOPs target λ of the inner blocks (model.dydit=true; paper §4.5)
     dydit_warmup_steps: int = 5000  # linear ramp of the target from 1.0 to λ
     dydit_loss_weight: float = 1.0
+    dydit_router_lr: float | None = None  # DyDiT routers' own learning rate (None: train.lr); see docs/dydit.md
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     seed: int = 0
     log_every: int = 100

@@ -221,6 +221,24 @@ def _open_wandb(cfg: RunConfig, run_dir: Path, enabled: bool):
     return wandb.init(project="dcdit", dir=str(run_dir), config=json.loads(json.dumps(cfg, default=vars)))
 
 
+DYDIT_ROUTERS = ("attn_router.", "mlp_router.", "token_router.")
+
+
+def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
+    """AdamW groups: every trainable parameter at ``train.lr``; with ``train.dydit_router_lr`` set,
+    the DyDiT routers in a second group at that rate (their all-on initialisation needs large moves,
+    see docs/dydit.md, while the pretrained weights should move little)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if tc.dydit_router_lr is None:
+        return [{"params": [p for _, p in named], "lr": tc.lr}]
+    is_router = [any(r in n for r in DYDIT_ROUTERS) for n, _ in named]
+    if not any(is_router):
+        raise ValueError("train.dydit_router_lr is set but the model has no DyDiT routers: set model.dydit=true "
+                         "or remove train.dydit_router_lr")
+    return [{"params": [p for (_, p), r in zip(named, is_router) if not r], "lr": tc.lr},
+            {"params": [p for (_, p), r in zip(named, is_router) if r], "lr": tc.dydit_router_lr}]
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint."""
     dist_info = D.setup(device)
@@ -243,7 +261,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
         if isinstance(m, LabelEmbedder):
             m.dropout_prob = 0.0
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     dataset = build_train_dataset(cfg)
     check_data_matches_model(dataset[0][0], model)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
