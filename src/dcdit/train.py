@@ -410,6 +410,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
             tb.close()
         if wb is not None:
             wb.finish()
+    D.barrier()  # every rank done before the group goes away (a rank tearing down early can abort gloo)
     D.teardown()
     return summary
 
