@@ -242,3 +242,14 @@ def test_csv_log_keeps_columns_aligned_when_they_change(tmp_path):
 
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert rows == [{"step": "1", "loss": "0.5", "distill_loss": ""}, {"step": "2", "loss": "0.4", "distill_loss": "0.1"}]
+
+
+def test_csv_log_resume_survives_a_malformed_row_and_keeps_earlier_rows(tmp_path):
+    """A row longer than the header (an older dcdit's log) must not make resume fail or lose rows."""
+    from dcdit.train import CSVLog
+
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.4,extra\n3,0.3\n4,0.2\n")
+    CSVLog(path, resume_step=3)
+    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4,extra", "3,0.3"]
+    assert not (tmp_path / "log.csv.tmp").exists()

@@ -170,17 +170,26 @@ class _Interval:
 
 
 class CSVLog:
+    """``log.csv``: one row per logged step. Rewrites (resume, new columns) go through a temporary
+    file and an atomic rename, and work on raw rows, so a malformed row never costs the log."""
+
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.exists():  # drop rows logged after the checkpoint we resume from
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
+            rows = self._raw_rows()
             if rows:
-                keep = [r for r in rows if int(r["step"]) <= resume_step]
-                with open(path, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    w.writeheader()
-                    w.writerows(keep)
+                keep = [r for r in rows[1:] if r and (not r[0].isdigit() or int(r[0]) <= resume_step)]
+                self._replace([rows[0], *keep])
+
+    def _raw_rows(self) -> list[list[str]]:
+        with open(self.path, newline="") as f:
+            return list(csv.reader(f))
+
+    def _replace(self, rows: list[list[str]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         header = None
@@ -188,13 +197,9 @@ class CSVLog:
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), None)
         if header is not None and header != list(row):  # columns changed (e.g. a newer dcdit resumed the run)
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
             fields = header + [k for k in row if k not in header]
-            with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields, restval="")
-                w.writeheader()
-                w.writerows(rows)
+            old = self._raw_rows()[1:]  # old rows keep their values in the old columns, empty in the new
+            self._replace([fields, *(r + [""] * (len(fields) - len(r)) for r in old)])
             header = fields
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=header or list(row), restval="")
