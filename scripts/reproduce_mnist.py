@@ -184,14 +184,14 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
         lines.append(f"| {name} | {r['step']} | {r['mnist_fid']:.1f} | {r['class_accuracy']:.3f} | {r['mnist_is']:.2f} | "
                      f"{kept} | {r['gflops_per_image']:.2f} | {r['sampling_seconds']:.0f} | "
                      f"{'' if wall is None or '@' in name else f'{wall:.0f}'} |")
-    def window_mse(name: str, end: int) -> float | None:
-        """Mean logged ε-MSE over steps (end - 200, end] of run ``name``."""
+    def window_mean(name: str, end: int, column: str) -> float | None:
+        """Mean of a logged column over steps (end - 200, end] of run ``name`` (None: nothing logged)."""
         log = out / name / "log.csv"
         if not log.exists():
             return None
         with open(log) as f:
-            rows = [r for r in csv.DictReader(f) if end - 200 < int(r["step"]) <= end and r["mse"]]
-        return sum(float(r["mse"]) for r in rows) / len(rows) if rows else None
+            vals = [float(r[column]) for r in csv.DictReader(f) if end - 200 < int(r["step"]) <= end and r.get(column)]
+        return sum(vals) / len(vals) if vals else None
 
     lines += ["", "Training (same seed → same images, timesteps and noise at every step for every run):", "",
               "| run | steps | ε-MSE, mean of the last 200 steps | dcdit_s0 over the same steps | compression (natural) | wall s |",
@@ -200,13 +200,11 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
         if name not in walls:
             continue
         end = walls[name]["step"]
-        with open(out / name / "log.csv") as f:
-            last = [r for r in csv.DictReader(f) if end - 200 < int(r["step"]) <= end]
-        comp = sum(float(r.get("compression_mean") or "nan") for r in last) / len(last)
-        mse, ref = window_mse(name, end), window_mse("dcdit_s0", end)
+        mse, ref = window_mean(name, end, "mse"), window_mean("dcdit_s0", end, "mse")
+        comp = window_mean(name, end, "compression_mean")
         walls[name].update(mse_last200=mse, dcdit_s0_mse_same_steps=ref, compression_last200=comp)
-        lines.append(f"| {name} | {end} | {mse:.4f} | {'' if ref is None else f'{ref:.4f}'} | {comp:.2f} | "
-                     f"{walls[name]['wall_time_s']:.0f} |")
+        lines.append(f"| {name} | {end} | {mse:.4f} | {'' if ref is None else f'{ref:.4f}'} | "
+                     f"{'n/a' if comp is None else f'{comp:.2f}'} | {walls[name]['wall_time_s']:.0f} |")
     for name, ra in routers.items():
         if ra is None:
             continue
