@@ -113,6 +113,12 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+def resolve_samples_path(path) -> Path:
+    """A `dcdit sample-ddp` output folder -> its ``samples.npz`` (which carries the labels); else ``path``."""
+    path = Path(path)
+    return path / "samples.npz" if path.is_dir() and (path / "samples.npz").exists() else path
+
+
 def load_images(path, max_images: int | None = None) -> np.ndarray:
     """A folder of images (sorted by file name, converted to RGB) or an ``.npz`` (``arr_0``) /
     ``.npy`` -> checked uint8 (N, H, W, 3). ``max_images`` keeps the first N."""
@@ -644,6 +650,7 @@ def evaluate_samples(
     warn: list[str] = []
     settings_path = None
     if isinstance(samples, (str, os.PathLike)):
+        samples = resolve_samples_path(samples)
         samples_info = _describe_path(Path(samples)) if Path(samples).is_dir() else {
             "path": str(samples), "format": Path(samples).suffix.lstrip(".")}
         if settings is None:
@@ -804,9 +811,7 @@ def evaluate_main(args) -> int:
     if args.feature_extractor:
         extractor = load_feature_extractor(args.feature_extractor, kind=args.extractor_kind,
                                            input_range=args.extractor_input_range, resize=args.resize, device=args.device)
-    samples = Path(args.samples)
-    if samples.is_dir() and (samples / "samples.npz").exists():
-        samples = samples / "samples.npz"  # a `dcdit sample-ddp` output folder: its .npz carries the labels
+    samples = resolve_samples_path(args.samples)
     settings, settings_path = find_settings(samples) if samples.exists() else (None, None)
     res = evaluate_samples(
         str(samples), args.ref, extractor=extractor, metrics=args.metrics, labels_path=args.labels, settings=settings,
