@@ -253,3 +253,22 @@ def test_csv_log_resume_survives_a_malformed_row_and_keeps_earlier_rows(tmp_path
     CSVLog(path, resume_step=3)
     assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4,extra", "3,0.3"]
     assert not (tmp_path / "log.csv.tmp").exists()
+
+
+def test_label_dropout_is_applied_once_from_the_step_stream(tmp_path, monkeypatch):
+    """The model sees the null class exactly where the step's stream drew a drop (p = 0.5), not a
+    second random drop inside the training-mode model (which made the rate 1 − (1 − p)²)."""
+    from dcdit.models.embedders import LabelEmbedder
+    from dcdit.train import step_generator
+
+    seen, original = [], LabelEmbedder.token_drop
+    monkeypatch.setattr(LabelEmbedder, "token_drop", lambda self, *a: seen.append(original(self, *a)) or seen[-1])
+    cfg = load_run_config("mnist", TINY + ["train.steps=4", "model.class_dropout_prob=0.5", "train.ckpt_every=4"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert len(seen) == 4
+    for step, labels in enumerate(seen):
+        g = step_generator(cfg.train.seed, step)  # the loop's draw order: t, noise, then the drops
+        torch.randint(0, 1000, (8,), generator=g)
+        torch.randn(8, 1, 32, 32, generator=g)
+        drop = torch.rand(8, generator=g) < 0.5
+        assert torch.equal(labels == 10, drop), f"step {step}: labels {labels.tolist()} vs drops {drop.tolist()}"

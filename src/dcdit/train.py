@@ -271,7 +271,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     check_data_matches_model(dataset[0][0], model)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
     is_dcdit = cfg.model.arch == "dcdit"
-    null_class = model.num_classes
     label_drop_p = cfg.model.class_dropout_prob
 
     step, skipped_total, wall_before = 0, 0, 0.0
@@ -336,8 +335,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
                 xs.append(x_j)
                 ys.append(int(y_j))
             x = torch.stack(xs).to(dev)
-            y = torch.where(drop_all[sl], null_class, torch.tensor(ys)).to(dev)
-            kwargs = {"y": y}
+            # Label dropout for CFG is drawn from the step's stream; the model must not drop again.
+            y, drop = torch.tensor(ys).to(dev), drop_all[sl].long().to(dev)
+            kwargs = {"y": y, "force_drop_ids": drop}
             if is_dcdit:
                 kwargs["tail_dropping_fraction"] = fraction
             sync = (a == accum - 1) or world == 1
@@ -348,7 +348,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
                 with autocast_for(dev, tc.mixed_precision):
                     if teacher is not None and step < tc.upcycle.distill_steps:  # upcycling warm-up (§4.4)
                         x_t = diffusion.q_sample(x, t, noise=noise)
-                        d_loss, record = distillation_loss(ddp, teacher, x_t, t, y, fraction, student_blocks=model.blocks)
+                        d_loss, record = distillation_loss(ddp, teacher, x_t, t, y, fraction, student_blocks=model.blocks, force_drop_ids=drop)
                         terms = {"loss": d_loss[None], "mse": torch.zeros(1), "aux": record}
                     else:
                         d_loss = torch.zeros((), device=dev)

@@ -201,19 +201,21 @@ def _capture_block_outputs(blocks: nn.ModuleList) -> tuple[list[torch.Tensor], l
     return outputs, handles
 
 
-def distillation_loss(student, teacher: DiT, x_t, t, y, tail_dropping_fraction=0.0, student_blocks=None):
+def distillation_loss(student, teacher: DiT, x_t, t, y, tail_dropping_fraction=0.0, student_blocks=None, force_drop_ids=None):
     """Mean over inner blocks of MSE(student block output, teacher block output) over paired tokens.
 
     Returns (loss, routing record). The teacher runs without gradient; the student's prediction
     head is not needed but runs (the forward is one piece); its output is discarded.
     ``student`` may be a DDP wrapper; then pass the wrapped model's ``blocks`` as ``student_blocks``.
+    ``force_drop_ids`` (B,) nulls the same labels for both (else a training-mode student would drop
+    labels at random and see a different condition from the teacher).
     """
     s_out, s_handles = _capture_block_outputs(student_blocks if student_blocks is not None else student.blocks)
     t_out, t_handles = _capture_block_outputs(teacher.blocks)
     try:
         with torch.no_grad():
-            teacher(x_t, t, y)
-        _, record = student(x_t, t, y, tail_dropping_fraction)
+            teacher(x_t, t, y, force_drop_ids=force_drop_ids)
+        _, record = student(x_t, t, y, tail_dropping_fraction, force_drop_ids=force_drop_ids)
     finally:
         for h in s_handles + t_handles:
             h.remove()

@@ -255,3 +255,15 @@ def test_valid_input_including_null_class_runs(tiny):
     x, t, _ = _ok()
     with torch.no_grad():
         assert tiny(x, t, torch.tensor([0, 10])).shape == (2, 8, 8, 8)
+
+
+def test_force_drop_ids_replace_the_random_label_dropout():
+    """Training mode with force_drop_ids: the given rows get the null class, no others (DiT's semantics)."""
+    model = _small(class_dropout_prob=0.9)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([1, 2, 3, 4])
+    drop = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        expected = model(x, t, torch.where(drop == 1, 10, y))  # eval mode: labels used as given
+        model.train()
+        got = model(x, t, y, force_drop_ids=drop)
+    torch.testing.assert_close(got, expected)

@@ -124,17 +124,20 @@ class DCDiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
         tail_dropping_fraction: float | torch.Tensor = 0.0, budget_groups: int = 1,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingRecord]:
         """``tail_dropping_fraction``: a float or a (B,) tensor. ``budget_groups = k`` runs steps 3–5 on
         k equal slices of the batch separately, each padded only to its own longest sequence (used
-        by Lite-CFG, whose cond and uncond halves keep very different numbers of tokens)."""
+        by Lite-CFG, whose cond and uncond halves keep very different numbers of tokens).
+        ``force_drop_ids`` (B,): 1 where the label becomes the null class; when given, it replaces
+        the random label dropout of training mode (as in DiT's ``LabelEmbedder``)."""
         check_inputs(
             x, t, y, in_channels=self.in_channels, grid=self.grid,
             num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
         )
         B = x.shape[0]
         t_emb = self.t_embedder(t)  # (B, D); DyDiT's width routers read it alone
-        c = t_emb + self.y_embedder(y, self.training)  # (B, D)
+        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
 
         h = self.encoder(self.x_embedder.proj(x), c)  # 1. encode: (B, L, D)
         p, natural = self.router(h, self.grid)  # 2. route: (B, L) each

@@ -101,13 +101,17 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``force_drop_ids`` (B,): 1 where the label is replaced by the null class; when given, it
+        replaces the random label dropout of training mode (DiT's ``LabelEmbedder`` argument)."""
         check_inputs(
             x, t, y, in_channels=self.in_channels, grid=self.grid,
             num_classes=self.num_classes, allow_null=self.class_dropout_prob > 0,
         )
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)  # (B, T, P²·C_out)
