@@ -277,8 +277,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     if resume:
         ckpt = find_checkpoint(run_dir)
         state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
-        if model_config_to_dict(saved_cfg.model) != model_config_to_dict(cfg.model):
-            raise ValueError(f"cannot resume {ckpt}: its model config differs from this run's model config")
+        saved, now = model_config_to_dict(saved_cfg.model), model_config_to_dict(cfg.model)
+        if saved != now:
+            diff = ", ".join(f"model.{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
+                             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise ValueError(f"cannot resume {ckpt}: its model config differs from this run's ({diff}); "
+                             f"resume with the run's own config: dcdit train {run_dir / 'config.yaml'} --out {run_dir} --resume")
         load_state_dict_checked(model, state, str(ckpt / "model.safetensors"))
         load_state_dict_checked(ema, read_weights(ckpt / "ema.safetensors")[0], str(ckpt / "ema.safetensors"))
         ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
