@@ -109,6 +109,15 @@ def test_dechunk_matches_brute_force(grid, sigma):
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_dechunk_matches_brute_force_where_far_weights_underflow():
+    """A 32×32 grid (MNIST's): distances up to √1922, so most Gaussian weights are below exp(−60)
+    and are set to 0 rather than computed as denormals; the result must still be the formula's."""
+    rec, z, kept = random_case((32, 32), counts=[40, 3], seed=7)
+    got = DeChunk(1.0)(z, rec)
+    torch.testing.assert_close(got.double(), brute_force_dechunk(z.double(), rec.p.double(), kept, (32, 32), 1.0),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_padding_slots_are_not_sources():
     grid = (5, 7)
     rec, z, kept = random_case(grid, counts=[9, 3], seed=3)

@@ -47,6 +47,13 @@ def nearest_kept_slot(record: RoutingRecord) -> torch.Tensor:
     return d2.argmin(dim=-1)
 
 
+# Gaussian weights below exp(−60) ≈ 9e-27 are set to exactly 0. A row's sum is at least its own
+# weight p_i ≥ 1e-4, so dropping them changes no float32 result; keeping them would make exp and bmm
+# run on denormal floats, which is 5–20× slower on CPUs (measured: exp over a (32, 306, 306) tensor
+# 167 ms vs 9 ms, the bmm 48 ms vs 10 ms).
+_NEGLIGIBLE_EXPONENT = 60.0
+
+
 class DeChunk(nn.Module):
     """z (B, M, D) inner outputs + routing record -> (B, L, D) on the full grid."""
 
@@ -59,7 +66,8 @@ class DeChunk(nn.Module):
         p = record.p.gather(1, record.kept_idx).clamp(1e-4, 1 - 1e-4)  # (B, M)
         pos = grid_coords(record.kept_idx, record.grid)  # (B, M, 2)
         d2 = squared_distances(pos, pos)  # (B, M, M)
-        w = torch.exp(-d2 / (2 * self.sigma**2)) * p[:, None, :]
+        e = d2 / (2 * self.sigma**2)  # (B, M, M), no gradient (grid positions)
+        w = torch.where(e <= _NEGLIGIBLE_EXPONENT, torch.exp(-e.clamp(max=_NEGLIGIBLE_EXPONENT)), 0.0) * p[:, None, :]
         real = record.slot_mask  # (B, M)
         w = w * real[:, None, :]  # padding slots are not sources
         # A real row always has W_ii = p_i > 0. A padding row (never read by plug-back) may underflow
