@@ -17,7 +17,7 @@ Runs (paper arXiv 2603.06351 §4):
   multibudget  DC-DiT, tail-drop fractions {0,.25,.5,.75} from mid-run  claim (e)
   upcycle / upcycle_distill: DC-DiT upcycled from `isoparam_s0` (§4.4) for a quarter of the steps,
                without / with 100 steps of activation distillation, against `dcdit_s0` at that step
-  dydit_demo   the shipped demo checkpoint fine-tuned 300 steps with DyDiT gates to λ = 0.7 (§4.5)
+  dydit_demo   the shipped demo checkpoint fine-tuned 400 steps with DyDiT gates to λ = 0.7 (§4.5)
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables of docs/results.md) and
 ``<out>/figures/*.png``. On 2 CPU cores a 1,000-step DC-DiT run takes 35–70 min (1 thread each, two
@@ -69,9 +69,11 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
     # a quarter of the from-scratch budget (the paper: 12.5%), compared with `dcdit_s0` at that step
     r["upcycle_s0"] = ("mnist", up + ["train.log_every=25"], steps // 4)
     r["upcycle_distill_s0"] = ("mnist", up + ["train.log_every=25", f"train.upcycle.distill_steps={steps // 10}"], steps // 4)
-    # DyDiT fine-tunes the best-trained DC-DiT we have: the shipped demo checkpoint (3,000 steps)
+    # DyDiT fine-tunes the best-trained DC-DiT we have, the shipped demo checkpoint. Its routers start
+    # with every gate on (biases +15/+35) and get their own lr, 100x the rest, so 400 steps can move them.
     r["dydit_demo"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={DEMO}", "train.lr=1e-4",
-                                 "train.dydit_target=0.7", "train.dydit_warmup_steps=100", "train.ckpt_every=100"], 300)
+                                 "train.dydit_router_lr=1e-2", "train.dydit_target=0.7", "train.dydit_warmup_steps=150",
+                                 "train.log_every=10", "train.ckpt_every=50"], 400)
     return r
 
 
