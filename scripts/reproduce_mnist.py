@@ -18,6 +18,7 @@ Runs (paper arXiv 2603.06351 §4):
   upcycle / upcycle_distill: DC-DiT upcycled from `isoparam_s0` (§4.4) for a quarter of the steps,
                without / with 100 steps of activation distillation, against `dcdit_s0` at that step
   dydit_demo   the shipped demo checkpoint fine-tuned 400 steps with DyDiT gates to λ = 0.7 (§4.5)
+  demo_finetune  the same 400 fine-tuning steps without DyDiT (the quality control for dydit_demo)
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the tables of docs/results.md) and
 ``<out>/figures/*.png``. On 2 CPU cores a 1,000-step DC-DiT run takes 35–70 min (1 thread each, two
@@ -74,6 +75,9 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
     r["dydit_demo"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={DEMO}", "train.lr=1e-4",
                                  "train.dydit_router_lr=1e-2", "train.dydit_target=0.7", "train.dydit_warmup_steps=150",
                                  "train.log_every=10", "train.ckpt_every=50"], 400)
+    # its quality control: the same 400 fine-tuning steps without DyDiT
+    r["demo_finetune"] = ("mnist", ["train.seed=0", f"train.init_from={DEMO}", "train.lr=1e-4",
+                                    "train.log_every=10", "train.ckpt_every=50"], 400)
     return r
 
 
@@ -118,6 +122,7 @@ def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path
     ev["upcycle_distill_s0"] = (out / "upcycle_distill_s0", 0.0)
     ev["demo"] = (Path(str(DEMO)), 0.0)
     ev["dydit_demo"] = (out / "dydit_demo", 0.0)
+    ev["demo_finetune"] = (out / "demo_finetune", 0.0)
     return ev
 
 
