@@ -19,6 +19,12 @@ def test_isoparam_is_the_closest_depth_by_brute_force():
         assert (iso.hidden_size, iso.num_heads) == (dc.hidden_size, dc.num_heads)
 
 
+def test_baselines_train_and_sample_with_the_dcdits_noise_schedule():
+    dc = model_config_from_dict(dict(arch="dcdit", hidden_size=128, depth=4, num_heads=4, noise_schedule="cosine"))
+    assert isoparam_dit(dc).noise_schedule == "cosine" and _dit_like(dc, 3).noise_schedule == "cosine"
+    assert build_model(isoparam_dit(dc)).noise_schedule == "cosine"
+
+
 def test_isoflop_is_the_smallest_depth_reaching_the_target(tmp_path):
     cfg = load_run_config("DC-DiT-B-N16")
     base = build_baselines(cfg)

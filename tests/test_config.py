@@ -155,3 +155,12 @@ def test_residual_init_option(helpers, residual_init):
     assert bool((m.residual_proj.bias == 0).all())
     with pytest.raises(ValueError, match="residual_init"):
         helpers.make_model(helpers.TINY_DCDIT, residual_init="kaiming")
+
+
+@pytest.mark.parametrize("arch", ["dcdit", "dit"])
+def test_unknown_noise_schedule_names_the_valid_ones(helpers, arch):
+    """A typo in model.noise_schedule fails when the model is built, listing what is accepted."""
+    tiny = helpers.TINY_DCDIT if arch == "dcdit" else helpers.TINY_DIT
+    with pytest.raises(ValueError, match="noise_schedule 'cosin'.*linear, cosine, squaredcos_cap_v2"):
+        helpers.make_model(tiny, noise_schedule="cosin")
+    assert helpers.make_model(tiny, noise_schedule="cosine").noise_schedule == "cosine"

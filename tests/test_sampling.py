@@ -309,10 +309,10 @@ def test_model_mode_restored(dcdit_model):
 class PointMassEps(nn.Module):
     """Predicts the exact ε for data = a single point x0: ε = (x_t − √ᾱ_t x0) / √(1 − ᾱ_t)."""
 
-    def __init__(self, x0: torch.Tensor):
+    def __init__(self, x0: torch.Tensor, alphas_cumprod: np.ndarray | None = None):
         super().__init__()
         self.register_buffer("x0", x0)
-        self.register_buffer("ac", torch.tensor(_alphas_cumprod()))
+        self.register_buffer("ac", torch.tensor(_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod))
         self.num_classes, self.learn_sigma, self.in_channels = 10, False, x0.shape[0]
         self.grid = tuple(x0.shape[1:])
         self.class_dropout_prob = 0.1
@@ -337,3 +337,20 @@ def test_exact_eps_recovers_point_mass(sampler):
     torch.testing.assert_close(r.samples, x0.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
     assert model.ts == _expected_timesteps(sampler, 20)
     assert r.trace[0]["kept"].tolist() == [16, 16, 16]  # no routing record: all positions
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_uses_the_models_noise_schedule(sampler):
+    """A model trained with the cosine schedule (its ε is exact under diffusers' squaredcos_cap_v2
+    ᾱ) is sampled with that schedule: the point mass is recovered. Sampled with the linear one
+    (what the model would get if the setting were ignored) it is not."""
+    diffusers = pytest.importorskip("diffusers")
+    ac = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    x0 = torch.linspace(-0.8, 0.9, 2 * 4 * 4).reshape(2, 4, 4)
+    model = PointMassEps(x0, ac.double().numpy())
+    model.noise_schedule = "cosine"
+    r = generate(model, [0, 1, 2], sampler=sampler, num_sampling_steps=20, seed=5, num_snapshots=0)
+    torch.testing.assert_close(r.samples, x0.expand(3, -1, -1, -1), atol=1e-3, rtol=0)
+    model.noise_schedule = "linear"
+    wrong = generate(model, [0, 1, 2], sampler=sampler, num_sampling_steps=20, seed=5, num_snapshots=0)
+    assert (wrong.samples - x0).abs().max() > 10 * (r.samples - x0).abs().max()

@@ -274,3 +274,27 @@ def test_label_dropout_is_applied_once_from_the_step_stream(tmp_path, monkeypatc
         torch.randn(8, 1, 32, 32, generator=g)
         drop = torch.rand(8, generator=g) < 0.5
         assert torch.equal(labels == 10, drop), f"step {step}: labels {labels.tolist()} vs drops {drop.tolist()}"
+
+
+def test_training_noises_with_the_models_noise_schedule(tmp_path, monkeypatch):
+    """model.noise_schedule=cosine: the x_t the model is trained on is √ᾱ x0 + √(1−ᾱ) ε with
+    diffusers' squaredcos_cap_v2 ᾱ (not DiT's linear one), and the checkpoint remembers it."""
+    diffusers = pytest.importorskip("diffusers")
+    from dcdit.checkpoint import load_model
+    from dcdit.models.dcdit import DCDiT
+    from dcdit.train import build_train_dataset, step_generator
+
+    seen, original = [], DCDiT.forward
+    monkeypatch.setattr(DCDiT, "forward", lambda self, x, t, *a, **k: seen.append((x, t)) or original(self, x, t, *a, **k))
+    cfg = load_run_config("mnist", TINY + ["train.steps=1", "train.ckpt_every=1", "model.noise_schedule=cosine"])
+    train(cfg, tmp_path / "run", progress=False)
+    x_t, t = seen[0]
+    g = step_generator(cfg.train.seed, 0)
+    assert torch.equal(t, torch.randint(0, 1000, (8,), generator=g))
+    noise = torch.randn(8, 1, 32, 32, generator=g)
+    dataset = build_train_dataset(cfg)
+    x0 = torch.stack([dataset[int(i)][0] for i in EpochOrder(len(dataset), cfg.train.seed).indices(0, 8)])
+    ac = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, ac.sqrt() * x0 + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
+    model, _, _ = load_model(str(tmp_path / "run"))
+    assert model.noise_schedule == "cosine"

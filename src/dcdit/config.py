@@ -33,6 +33,7 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     timestep_freq_shift: float = 0.0
+    noise_schedule: str = "linear"  # the diffusion it is trained and sampled with: linear (DiT) or cosine
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DCDiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     timestep_freq_shift: float = 0.0
+    noise_schedule: str = "linear"  # the diffusion it is trained and sampled with: linear (DiT) or cosine
     encoder_width: int | None = None
     encoder_blocks: int = 2
     decoder_blocks: int = 2

@@ -225,10 +225,10 @@ def generate(
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
 
-    if sampler == "ddpm":
-        diffusion = create_diffusion(str(int(num_sampling_steps)), learn_sigma=bool(inner.learn_sigma))
-    else:
-        diffusion = create_diffusion(f"ddim{int(num_sampling_steps)}", learn_sigma=bool(inner.learn_sigma))
+    respacing = str(int(num_sampling_steps)) if sampler == "ddpm" else f"ddim{int(num_sampling_steps)}"
+    # the schedule the model was trained with (older checkpoints: DiT's linear one)
+    diffusion = create_diffusion(respacing, noise_schedule=getattr(inner, "noise_schedule", "linear"),
+                                 learn_sigma=bool(inner.learn_sigma))
     timestep_map = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
     K = diffusion.num_timesteps
 

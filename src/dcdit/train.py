@@ -269,7 +269,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     optimizer = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     dataset = build_train_dataset(cfg)
     check_data_matches_model(dataset[0][0], model)
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+    diffusion = create_diffusion(timestep_respacing="", noise_schedule=model.noise_schedule, learn_sigma=model.learn_sigma)
     is_dcdit = cfg.model.arch == "dcdit"
     label_drop_p = cfg.model.class_dropout_prob
 

@@ -162,7 +162,8 @@ def upcycled_config(dit: DiT, dc: DCDiTConfig) -> DCDiTConfig:
         raise ValueError("the pretrained DiT does not fit this DC-DiT config: " + "; ".join(wrong))
     P = dit.patch_size
     return dataclasses.replace(dc, cond_adaptor=True, timestep_freq_shift=dit.t_embedder.downscale_freq_shift,
-                               pos_scale=1.0 / P, pos_offset=(P - 1) / 2, class_dropout_prob=dit.class_dropout_prob)
+                               pos_scale=1.0 / P, pos_offset=(P - 1) / 2, class_dropout_prob=dit.class_dropout_prob,
+                               noise_schedule=dit.noise_schedule)  # the DiT's diffusion, too
 
 
 def upcycle(dit: DiT, dc: DCDiTConfig) -> tuple[DCDiT, DCDiTConfig]:

@@ -66,6 +66,16 @@ def _cosine_alpha_bar(s: float) -> float:
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
+NOISE_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2")
+
+
+def check_noise_schedule(name: str) -> str:
+    if name not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise_schedule {name!r}; valid: {', '.join(NOISE_SCHEDULES)} "
+                         "(linear = DDPM / DiT, cosine = improved DDPM, better for small pixel-space images)")
+    return name
+
+
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
     """Return a named beta schedule as a ``(T,)`` float64 numpy array.
 

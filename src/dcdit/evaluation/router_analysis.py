@@ -65,7 +65,7 @@ def foreground_retention(
     tail_dropping_fraction: float = 0.0,
     batch_size: int | None = None,
     diffusion_steps: int = 1000,
-    noise_schedule: str = "linear",
+    noise_schedule: str | None = None,
 ) -> dict:
     """Share of foreground vs background tokens the router keeps at timestep ``t``.
 
@@ -80,6 +80,7 @@ def foreground_retention(
         masks: optional (N, H, W) bool foreground masks on the token grid (needed for latents).
         tail_dropping_fraction: elastic-inference fraction passed to the forward.
         batch_size: forward batch size (default: all at once).
+        noise_schedule: the schedule of q_sample (default: the model's ``noise_schedule``).
 
     Returns:
         dict: ``t``; per sample (lists of N) ``fg_retention`` = kept fg / fg tokens,
@@ -119,7 +120,8 @@ def foreground_retention(
         raise ValueError(f"labels must have shape ({N},), got {tuple(y.shape)}")
 
     device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    diffusion = create_diffusion("", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+    schedule = noise_schedule or getattr(inner, "noise_schedule", "linear")  # default: the model's own
+    diffusion = create_diffusion("", noise_schedule=schedule, diffusion_steps=diffusion_steps)
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(images.shape, generator=gen)
     tt = torch.full((N,), int(t), dtype=torch.long)

@@ -20,6 +20,7 @@ from .dydit import DyDiTRecord, DynamicDiTBlock
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .dit import init_conditioning_and_gates, xavier_init_linears
 from .guidance import guide
+from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
 from .router import build_router
 
@@ -44,6 +45,7 @@ class DCDiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         timestep_freq_shift: float = 0.0,
+        noise_schedule: str = "linear",
         encoder_width: int | None = None,
         encoder_blocks: int = 2,
         decoder_blocks: int = 2,
@@ -72,6 +74,7 @@ class DCDiT(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
+        self.noise_schedule = check_noise_schedule(noise_schedule)  # read by training and sampling
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .dit_block import DiTBlock, FinalLayer
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .guidance import guide
+from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
 
 
@@ -59,12 +60,14 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         timestep_freq_shift: float = 0.0,
+        noise_schedule: str = "linear",
     ):
         super().__init__()
         self.grid = as_grid(input_size)
         if self.grid[0] % patch_size or self.grid[1] % patch_size:
             raise ValueError(f"input_size {self.grid} is not divisible by patch_size {patch_size}")
         self.learn_sigma = learn_sigma
+        self.noise_schedule = check_noise_schedule(noise_schedule)  # read by training and sampling
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
