@@ -13,6 +13,7 @@ Runs (paper arXiv 2603.06351 §4):
   dcdit        DC-DiT, N=4, learned (cosine) router                     claims (a)–(c)
   isoparam     DiT/2, same width/heads/depth (params closest)          claim (a)
   isoflop      DiT/2 with the depth whose MACs reach the DC-DiT's      claim (a)
+  (dcdit, isoparam and isoflop run for every seed; the rest for seed 0)
   random       DC-DiT with the random router                           claim (d)
   multibudget  DC-DiT, tail-drop fractions {0,.25,.5,.75} from mid-run  claim (e)
   upcycle / upcycle_distill: DC-DiT upcycled from `isoparam_s0` (§4.4) for a quarter of the steps,
@@ -60,7 +61,7 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
     for s in seeds:
         r[f"dcdit_s{s}"] = ("mnist", [f"train.seed={s}"], steps)
         r[f"isoparam_s{s}"] = (str(cfgs / "isoparam.yaml"), [f"train.seed={s}"], steps)
-    r["isoflop_s0"] = (str(cfgs / "isoflop.yaml"), ["train.seed=0"], steps)
+        r[f"isoflop_s{s}"] = (str(cfgs / "isoflop.yaml"), [f"train.seed={s}"], steps)
     r["random_s0"] = ("mnist", ["train.seed=0", "model.router=random"], steps)
     # multi-budget from the middle of the run (the release starts at 50K of 400K): until then it is the
     # `dcdit_s0` run bit for bit (same seed, per-step randomness), so it resumes from that checkpoint
@@ -110,7 +111,7 @@ def evaluations(out: Path, seeds: list[int], steps: int) -> dict[str, tuple[Path
     for s in seeds:
         ev[f"dcdit_s{s}"] = (out / f"dcdit_s{s}", 0.0)
         ev[f"isoparam_s{s}"] = (out / f"isoparam_s{s}", 0.0)
-    ev["isoflop_s0"] = (out / "isoflop_s0", 0.0)
+        ev[f"isoflop_s{s}"] = (out / f"isoflop_s{s}", 0.0)
     ev["random_s0"] = (out / "random_s0", 0.0)
     for f in EVAL_TAILS:
         ev[f"multibudget_s0@tail{f}"] = (out / "multibudget_s0", f)
@@ -174,6 +175,15 @@ def router_analysis(out: Path, name: str, ckpt: Path) -> dict | None:
     return json.loads((folder / "router_analysis.json").read_text())
 
 
+def paired_run(name: str) -> str:
+    """The run whose training saw the same batches, timesteps and noise: the DC-DiT of the same seed,
+    or for the DyDiT fine-tune and its no-DyDiT control each other."""
+    pairs = {"dydit_demo": "demo_finetune", "demo_finetune": "dydit_demo"}
+    if name in pairs:
+        return pairs[name]
+    return "dcdit_s" + name.rsplit("_s", 1)[1] if "_s" in name else "dcdit_s0"
+
+
 def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
     walls = {}
     for name in train_runs:
@@ -201,16 +211,16 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
         return sum(vals) / len(vals) if vals else None
 
     lines += ["", "Training (same seed → same images, timesteps and noise at every step for every run):", "",
-              "| run | steps | ε-MSE, mean of the last 200 steps | dcdit_s0 over the same steps | compression (natural) | wall s |",
-              "|---|---|---|---|---|---|"]
+              "| run | steps | ε-MSE, mean of the last 200 steps | paired run | its ε-MSE over the same steps | compression (natural) | wall s |",
+              "|---|---|---|---|---|---|---|"]
     for name in train_runs:
         if name not in walls:
             continue
-        end = walls[name]["step"]
-        mse, ref = window_mean(name, end, "mse"), window_mean("dcdit_s0", end, "mse")
+        end, ref_name = walls[name]["step"], paired_run(name)
+        mse, ref = window_mean(name, end, "mse"), window_mean(ref_name, end, "mse")
         comp = window_mean(name, end, "compression_mean")
-        walls[name].update(mse_last200=mse, dcdit_s0_mse_same_steps=ref, compression_last200=comp)
-        lines.append(f"| {name} | {end} | {mse:.4f} | {'' if ref is None else f'{ref:.4f}'} | "
+        walls[name].update(mse_last200=mse, paired_run=ref_name, paired_mse_same_steps=ref, compression_last200=comp)
+        lines.append(f"| {name} | {end} | {mse:.4f} | {ref_name} | {'' if ref is None else f'{ref:.4f}'} | "
                      f"{'n/a' if comp is None else f'{comp:.2f}'} | {walls[name]['wall_time_s']:.0f} |")
     for name, ra in routers.items():
         if ra is None:
