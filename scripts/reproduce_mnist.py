@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from dcdit.checkpoint import load_model
+from dcdit.checkpoint import load_model, read_weights
 from dcdit.evaluation.mnist_classifier import mnist_metrics, uint8_to_mnist
 from dcdit.flops import sampling_flops
 from dcdit.sampling import generate, write_npz, to_uint8_images
@@ -52,6 +52,9 @@ MULTI_BUDGET = [0.0, 0.25, 0.5, 0.75]
 EVAL_TAILS = [0.0, 0.5]  # tail-drop fractions evaluated (each DC-DiT evaluation costs minutes on a CPU)
 DCDIT = [sys.executable, "-m", "dcdit"]  # this interpreter's dcdit, PATH or not
 COMMON = ["train.ckpt_every=250", "train.keep_last=10", "train.log_every=50"]
+# The from-scratch runs keep the paper's diffusion and DiT's label-embedding init, whatever the MNIST
+# config's defaults for the demo (cosine schedule, label_embed_std 1.0): these are the runs of docs/results.md.
+PAPER = ["model.noise_schedule=linear", "model.label_embed_std=0.02"]
 
 
 def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[str], int]]:
@@ -59,25 +62,27 @@ def runs(out: Path, steps: int, seeds: list[int]) -> dict[str, tuple[str, list[s
     cfgs = out / "configs"
     r = {}
     for s in seeds:
-        r[f"dcdit_s{s}"] = ("mnist", [f"train.seed={s}"], steps)
-        r[f"isoparam_s{s}"] = (str(cfgs / "isoparam.yaml"), [f"train.seed={s}"], steps)
-        r[f"isoflop_s{s}"] = (str(cfgs / "isoflop.yaml"), [f"train.seed={s}"], steps)
-    r["random_s0"] = ("mnist", ["train.seed=0", "model.router=random"], steps)
+        r[f"dcdit_s{s}"] = ("mnist", PAPER + [f"train.seed={s}"], steps)
+        r[f"isoparam_s{s}"] = (str(cfgs / "isoparam.yaml"), PAPER + [f"train.seed={s}"], steps)
+        r[f"isoflop_s{s}"] = (str(cfgs / "isoflop.yaml"), PAPER + [f"train.seed={s}"], steps)
+    r["random_s0"] = ("mnist", PAPER + ["train.seed=0", "model.router=random"], steps)
     # multi-budget from the middle of the run (the release starts at 50K of 400K): until then it is the
     # `dcdit_s0` run bit for bit (same seed, per-step randomness), so it resumes from that checkpoint
-    r["multibudget_s0"] = ("mnist", ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", ""),
+    r["multibudget_s0"] = ("mnist", PAPER + ["train.seed=0", f"train.multi_budget.fractions={MULTI_BUDGET}".replace(" ", ""),
                                      f"train.multi_budget.start_step={steps // 2}"], steps)
-    up = ["train.seed=0", f"train.upcycle.from_dit={(out / 'isoparam_s0').resolve()}"]
+    up = PAPER + ["train.seed=0", f"train.upcycle.from_dit={(out / 'isoparam_s0').resolve()}"]
     # a quarter of the from-scratch budget (the paper: 12.5%), compared with `dcdit_s0` at that step
     r["upcycle_s0"] = ("mnist", up + ["train.log_every=25"], steps // 4)
     r["upcycle_distill_s0"] = ("mnist", up + ["train.log_every=25", f"train.upcycle.distill_steps={steps // 10}"], steps // 4)
     # DyDiT fine-tunes the best-trained DC-DiT we have, the shipped demo checkpoint. Its routers start
     # with every gate on (biases +15/+35) and get their own lr, 100x the rest, so 400 steps can move them.
-    r["dydit_demo"] = ("mnist", ["train.seed=0", "model.dydit=true", f"train.init_from={DEMO}", "train.lr=1e-4",
+    # Both are trained with the diffusion the demo checkpoint was trained with.
+    demo = [f"model.noise_schedule={read_weights(DEMO)[1].model.noise_schedule}", f"train.init_from={DEMO}"]
+    r["dydit_demo"] = ("mnist", demo + ["train.seed=0", "model.dydit=true", "train.lr=1e-4",
                                  "train.dydit_router_lr=1e-2", "train.dydit_target=0.7", "train.dydit_warmup_steps=150",
                                  "train.log_every=10", "train.ckpt_every=50"], 400)
     # its quality control: the same 400 fine-tuning steps without DyDiT
-    r["demo_finetune"] = ("mnist", ["train.seed=0", f"train.init_from={DEMO}", "train.lr=1e-4",
+    r["demo_finetune"] = ("mnist", demo + ["train.seed=0", "train.lr=1e-4",
                                     "train.log_every=10", "train.ckpt_every=50"], 400)
     return r
 

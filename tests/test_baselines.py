@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dcdit.baselines import _dit_like, build_baselines, isoparam_dit, params_of, write_baseline_configs
@@ -20,9 +21,14 @@ def test_isoparam_is_the_closest_depth_by_brute_force():
 
 
 def test_baselines_train_and_sample_with_the_dcdits_noise_schedule():
-    dc = model_config_from_dict(dict(arch="dcdit", hidden_size=128, depth=4, num_heads=4, noise_schedule="cosine"))
-    assert isoparam_dit(dc).noise_schedule == "cosine" and _dit_like(dc, 3).noise_schedule == "cosine"
-    assert build_model(isoparam_dit(dc)).noise_schedule == "cosine"
+    """Same diffusion and same label-embedding init: the baselines differ from the DC-DiT in the backbone only."""
+    dc = model_config_from_dict(dict(arch="dcdit", hidden_size=128, depth=4, num_heads=4, noise_schedule="cosine",
+                                     label_embed_std=1.0))
+    for base in (isoparam_dit(dc), _dit_like(dc, 3)):
+        assert (base.noise_schedule, base.label_embed_std) == ("cosine", 1.0)
+    model = build_model(isoparam_dit(dc))
+    assert model.noise_schedule == "cosine"
+    assert model.y_embedder.embedding_table.weight.std().item() == pytest.approx(1.0, rel=0.1)
 
 
 def test_isoflop_is_the_smallest_depth_reaching_the_target(tmp_path):

@@ -27,6 +27,7 @@ def _dit_like(dc: DCDiTConfig, depth: int) -> DiTConfig:
         input_size=dc.input_size, patch_size=patch, in_channels=dc.in_channels, hidden_size=dc.hidden_size,
         depth=depth, num_heads=dc.num_heads, mlp_ratio=dc.mlp_ratio, class_dropout_prob=dc.class_dropout_prob,
         num_classes=dc.num_classes, learn_sigma=dc.learn_sigma, timestep_freq_shift=dc.timestep_freq_shift, noise_schedule=dc.noise_schedule,
+        label_embed_std=dc.label_embed_std,
     )
 
 

@@ -34,6 +34,7 @@ class DiTConfig:
     learn_sigma: bool = True
     timestep_freq_shift: float = 0.0
     noise_schedule: str = "linear"  # the diffusion it is trained and sampled with: linear (DiT) or cosine
+    label_embed_std: float = 0.02  # init std of the class-embedding table (DiT: 0.02); see configs/mnist.yaml
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DCDiTConfig:
     learn_sigma: bool = True
     timestep_freq_shift: float = 0.0
     noise_schedule: str = "linear"  # the diffusion it is trained and sampled with: linear (DiT) or cosine
+    label_embed_std: float = 0.02  # init std of the class-embedding table (DiT: 0.02); see configs/mnist.yaml
     encoder_width: int | None = None
     encoder_blocks: int = 2
     decoder_blocks: int = 2

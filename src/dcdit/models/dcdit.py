@@ -46,6 +46,7 @@ class DCDiT(nn.Module):
         learn_sigma: bool = True,
         timestep_freq_shift: float = 0.0,
         noise_schedule: str = "linear",
+        label_embed_std: float = 0.02,
         encoder_width: int | None = None,
         encoder_blocks: int = 2,
         decoder_blocks: int = 2,
@@ -75,6 +76,7 @@ class DCDiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
         self.noise_schedule = check_noise_schedule(noise_schedule)  # read by training and sampling
+        self.label_embed_std = label_embed_std
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
@@ -115,7 +117,7 @@ class DCDiT(nn.Module):
         (identity projections, averaging kernel) and the residual projection: weight zero as in
         H-Net (``residual_init="zero"``, default) or Xavier as the authors' release ends up with."""
         xavier_init_linears(self)
-        init_conditioning_and_gates(self)
+        init_conditioning_and_gates(self, self.label_embed_std)
         if hasattr(self.router, "reset_parameters"):
             self.router.reset_parameters()
         for block in self.blocks:
