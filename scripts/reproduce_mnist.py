@@ -49,7 +49,7 @@ from dcdit.viz import save_image_grid
 
 DEMO = resources.files("dcdit") / "assets" / "mnist_dcdit.safetensors"
 MULTI_BUDGET = [0.0, 0.25, 0.5, 0.75]
-EVAL_TAILS = [0.0, 0.5]  # tail-drop fractions evaluated (each DC-DiT evaluation costs minutes on a CPU)
+EVAL_TAILS = [0.0, 0.25, 0.5, 0.75]  # tail-drop fractions evaluated (each DC-DiT evaluation costs minutes on a CPU)
 DCDIT = [sys.executable, "-m", "dcdit"]  # this interpreter's dcdit, PATH or not
 COMMON = ["train.ckpt_every=250", "train.keep_last=10", "train.log_every=50"]
 # The from-scratch runs keep the paper's diffusion and DiT's label-embedding init, whatever the MNIST
