@@ -118,6 +118,25 @@ def test_evaluate_npz_of_test_digits_with_labels(tmp_path, test_split):
     assert res["sampling_settings"]["cfg_scale"] == 2.0
 
 
+def test_grey_background_is_measured_and_warned_about(tmp_path, test_split):
+    """Real digits have a black frame; a uniform grey offset (what undertrained samplers draw) is
+    measured in grey levels, flagged by `evaluate`, and really does break the classifier."""
+    x, y = test_split
+    x = x[:200]
+    y = y[:200]
+    assert M.background_level(x) == 0.0
+    grey = (x + 20 / 127.5).clamp(-1, 1)  # +20 grey levels everywhere
+    assert M.background_level(grey) == pytest.approx(20.0, abs=1e-3)
+    clean = M.mnist_metrics(x, y)
+    shifted = M.mnist_metrics(grey, y)
+    assert clean["background_level"] == 0.0 and shifted["background_level"] == pytest.approx(20.0, abs=1e-3)
+    assert clean["class_accuracy"] > 0.95 and shifted["class_accuracy"] < 0.5  # why the warning exists
+    for name, imgs, warned in (("clean", x, False), ("grey", grey, True)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=to_uint8_images(imgs), arr_1=y.numpy())
+        res = F.evaluate_samples(str(tmp_path / f"{name}.npz"))
+        assert any("background is grey" in w for w in res["warnings"]) is warned
+
+
 def test_train_classifier_writes_metadata(tmp_path):
     out = tmp_path / "clf.safetensors"
     summary = M.train_classifier(out, epochs=1, seed=3, max_train_images=128, batch_size=64, progress=False,

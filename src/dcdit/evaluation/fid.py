@@ -726,7 +726,7 @@ def evaluate_samples(
 
     label_source = None
     if "mnist" in wanted:
-        from .mnist_classifier import mnist_metrics, uint8_to_mnist
+        from .mnist_classifier import BACKGROUND_WARN_LEVEL, mnist_metrics, uint8_to_mnist
 
         if labels is None:
             labels, label_source = load_labels(samples_info.get("path"), len(u8), labels_path, settings)
@@ -737,6 +737,11 @@ def evaluate_samples(
         results["metrics"]["mnist"] = mnist_metrics(
             uint8_to_mnist(u8), labels, reference=mnist_reference, classifier=mnist_classifier)
         results["metrics"]["mnist"]["labels_source"] = label_source
+        bg = results["metrics"]["mnist"]["background_level"]
+        if bg > BACKGROUND_WARN_LEVEL:
+            warn.append(f"the samples' background is grey ({bg:.1f} of 255 on the 2-pixel frame; real digits: 0): the "
+                        f"MNIST classifier reads grey backgrounds as '8', so class accuracy and MNIST-FID are "
+                        f"dominated by the background; look at the samples")
         if not _looks_like_mnist(u8):
             warn.append("MNIST metrics on images that are not 32x32 gray: channels were averaged")
 
