@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dcdit.cli import DEMO_CHECKPOINT, main
+from dcdit.config import load_run_config
 
 TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.encoder_width=16",
         "train.global_batch_size=4", "train.ratio_batch_size=4", "train.log_every=1", "train.ckpt_every=2",
@@ -133,6 +134,8 @@ def test_demo_with_the_shipped_checkpoint(tmp_path):
     assert main(["demo", "--out", str(out), "--per-class", "1", "--sampling-steps", "3", "--no-progress"]) == 0
     settings = json.loads((out / "settings.json").read_text())
     assert settings["labels"] == list(range(10))
+    demo = load_run_config("mnist", []).sample  # the demo samples with the mnist config's settings
+    assert (settings["sampler"], settings["cfg_scale"], settings["num_sampling_steps"]) == (demo.sampler, demo.cfg_scale, 3)
     for f in ("samples.png", "chunking_viz.png", "compression_vs_timestep.png"):
         assert (out / f).stat().st_size > 1000
 

@@ -103,6 +103,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def assert_same_adam_training(a: dict, b: dict, lr: float, steps: int) -> None:
+    """Two runs that sum the same per-sample gradients in a different order (fp32 rounding ~1e-7).
+
+    Adam normalises each coordinate, so where a gradient is itself at rounding level its sign can
+    differ and that coordinate moves by up to lr per step in either run. So: no coordinate differs
+    by more than 2·lr·steps (Adam's bound), and all but a handful (< 0.1%) agree to 1e-4. A real
+    mismatch (other data, noise or batch) moves most coordinates by ~lr.
+    """
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max())
+    assert diff.max() <= 2 * lr * steps, worst
+    assert (diff > 1e-4).float().mean() < 1e-3, f"{int((diff > 1e-4).sum())} of {diff.numel()} coordinates differ"
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     """2 gloo ranks × micro-batch 4 = 1 process × batch 8: ranks stay identical and match the single run."""
     args = ["train", "mnist", *TINY, "train.steps=3", "train.ckpt_every=3", "--no-progress"]
@@ -111,11 +126,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["rank_param_max_abs_diff"] == 0.0
     a, b = weights(tmp_path / "single", 3), weights(tmp_path / "ddp", 3)
-    # The two runs sum the same per-sample gradients in a different order (fp32 rounding ~1e-7); Adam
-    # normalises each coordinate, so rounding on a near-zero gradient can move that coordinate by a
-    # fraction of one step (lr = 1e-3). A real mismatch (other data, noise or batch) moves them by ~lr.
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    assert_same_adam_training(a, b, lr=1e-3, steps=3)
     # and the two runs did train (weights moved away from the step-0 initialisation)
     assert any(not torch.equal(a[k], weights(tmp_path / "single", 3, "ema")[k]) for k in a)
 
@@ -124,9 +135,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     base = TINY + ["train.steps=2", "train.ckpt_every=2"]
     train(load_run_config("mnist", base), tmp_path / "full", progress=False)
     train(load_run_config("mnist", base + ["train.micro_batch_size=4"]), tmp_path / "accum", progress=False)
-    a, b = weights(tmp_path / "full", 2), weights(tmp_path / "accum", 2)
-    for k in a:  # same tolerance argument as the DDP test
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    assert_same_adam_training(weights(tmp_path / "full", 2), weights(tmp_path / "accum", 2), lr=1e-3, steps=2)
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):

