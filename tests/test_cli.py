@@ -90,6 +90,31 @@ def test_sample_ddp_writes_pngs_and_adm_npz(tmp_path):
     assert mnist["num_samples"] == 5 and mnist["class_accuracy"] == pytest.approx(expected)
 
 
+def test_eta_reaches_the_ddim_step(tmp_path, capsys):
+    """`--eta` is DDIM's noise scale: sample-ddp with it equals `generate(..., eta=...)` and differs from eta = 0."""
+    from dcdit.checkpoint import load_model
+    from dcdit.sampling import generate, to_uint8_images
+
+    model, _, _ = load_model(DEMO_CHECKPOINT)
+    arrays = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        assert main(["sample-ddp", "--ckpt", str(DEMO_CHECKPOINT), "--out", str(out), "--num-samples", "2",
+                     "--batch-size", "2", "--sampler", "ddim", "--eta", eta, "--steps", "3", "--cfg-scale", "4",
+                     "--no-progress"]) == 0
+        npz = np.load(out / "samples.npz")
+        arrays[eta] = npz["arr_0"]
+        assert json.loads((out / "settings.json").read_text())["eta"] == float(eta)
+    ref = generate(model, torch.as_tensor(npz["arr_1"]), sampler="ddim", eta=1.0, num_sampling_steps=3,
+                   cfg_scale=4.0, seed=0, clip_denoised=True).samples
+    assert np.abs(to_uint8_images(ref).astype(int) - arrays["1"].astype(int)).max() <= 1
+    assert not np.array_equal(arrays["0"], arrays["1"])
+    for bad in (["--eta", "1"], ["--sampler", "ddim", "--eta", "-0.5"]):
+        assert main(["sample", "--ckpt", str(DEMO_CHECKPOINT), "--out", str(tmp_path / "x"), "--steps", "2",
+                     "--no-progress", *bad]) == 2
+        assert "eta is DDIM's noise scale" in capsys.readouterr().err
+
+
 def test_latent_pipeline_extract_train_sample(tmp_path):
     """extract-features with a tiny local AutoencoderKL → train on the shards → sample through the VAE."""
     from diffusers import AutoencoderKL

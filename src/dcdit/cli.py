@@ -154,8 +154,10 @@ def _generate(model, labels, args, cfg, device, **kwargs):
     pixel-space models clip x0 to [-1, 1], latent models do not."""
     from .sampling import generate
 
+    if args.eta < 0 or (args.eta != 0 and args.sampler != "ddim"):
+        raise ValueError(f"--eta {args.eta}: eta is DDIM's noise scale, >= 0 and only with --sampler ddim")
     return generate(
-        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale,
+        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
         guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
         uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
         device=device, clip_denoised=cfg.data.name != "latents", **kwargs,
@@ -165,7 +167,7 @@ def _generate(model, labels, args, cfg, device, **kwargs):
 def _sampling_settings(args, cfg, step) -> dict:
     return {
         "ckpt": str(args.ckpt), "ckpt_step": step, "weights": "raw" if args.raw_weights else "ema",
-        "sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale,
+        "sampler": args.sampler, "num_sampling_steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
         "guidance_channels": args.guidance_channels, "tail_dropping_fraction": args.tail_dropping_fraction,
         "lite_cfg": args.lite_cfg,
         "uncond_tail_dropping_fraction": args.uncond_tail_dropping_fraction if args.lite_cfg else None,
@@ -286,7 +288,7 @@ def cmd_demo(args) -> int:
         raise FileNotFoundError(f"the shipped demo checkpoint {ckpt} is missing; run `dcdit demo --train` to train one")
     sample_args = argparse.Namespace(
         ckpt=str(ckpt), out=str(out), classes=MNIST_DIGITS, per_class=args.per_class,
-        sampler=args.sampler or demo.sampler, steps=args.sampling_steps or demo.num_sampling_steps,
+        sampler=args.sampler or demo.sampler, steps=args.sampling_steps or demo.num_sampling_steps, eta=0.0,
         cfg_scale=args.cfg_scale if args.cfg_scale is not None else demo.cfg_scale, guidance_channels=None, tail_dropping_fraction=0.0,
         lite_cfg=False, uncond_tail_dropping_fraction=None, seed=args.seed, raw_weights=False, vae=None,
         device=args.device, no_progress=args.no_progress,
@@ -304,8 +306,11 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------------ parser
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int = 250) -> None:
     p.add_argument("--ckpt", required=True, help="a run folder (latest checkpoint), a checkpoint folder, or a .safetensors file")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM (the paper's, default) or DDIM (eta=0)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM (the paper's, default) or DDIM (see --eta)")
     p.add_argument("--steps", type=int, default=steps_default, help=f"number of sampling steps (default {steps_default})")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM only: 0 = deterministic (default), 1 = fresh noise each step like DDPM; a cosine-schedule "
+                        "pixel model needs eta > 0 to wash out its first steps' clipped x0 (docs/demo-checkpoint.md)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = no guidance (default 1.5)")
     p.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first k ε channels; 3 reproduces the DiT release (default: all channels)")
