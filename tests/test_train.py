@@ -112,9 +112,9 @@ def assert_same_adam_training(a: dict, b: dict, lr: float, steps: int) -> None:
     mismatch (other data, noise or batch) moves most coordinates by ~lr.
     """
     assert a.keys() == b.keys()
-    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max())
-    assert diff.max() <= 2 * lr * steps, worst
+    diffs = {k: (a[k].float() - b[k].float()).abs().flatten() for k in a}
+    diff = torch.cat(list(diffs.values()))
+    assert diff.max() <= 2 * lr * steps, max(diffs, key=lambda k: diffs[k].max())
     assert (diff > 1e-4).float().mean() < 1e-3, f"{int((diff > 1e-4).sum())} of {diff.numel()} coordinates differ"
 
 

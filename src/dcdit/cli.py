@@ -154,8 +154,6 @@ def _generate(model, labels, args, cfg, device, **kwargs):
     pixel-space models clip x0 to [-1, 1], latent models do not."""
     from .sampling import generate
 
-    if args.eta < 0 or (args.eta != 0 and args.sampler != "ddim"):
-        raise ValueError(f"--eta {args.eta}: eta is DDIM's noise scale, >= 0 and only with --sampler ddim")
     return generate(
         model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
         guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,

@@ -188,7 +188,7 @@ def generate(
         num_snapshots: how many evenly spaced steps keep x_t and the routing maps (DC-DiT).
         noise: optional initial noise (B, C, H, W) replacing the seeded draw.
         clip_denoised: clamp the x_0 prediction to [-1, 1] at every step (DiT: False).
-        eta: DDIM stochasticity (ignored by DDPM).
+        eta: DDIM stochasticity, >= 0 (0 = deterministic, 1 = DDPM-like noise); DDPM refuses eta != 0.
 
     Returns:
         :class:`SampleResult`.
@@ -205,6 +205,8 @@ def generate(
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     if int(num_sampling_steps) < 1:
         raise ValueError(f"num_sampling_steps must be at least 1, got {num_sampling_steps}")
+    if float(eta) < 0 or (float(eta) != 0 and sampler != "ddim"):
+        raise ValueError(f"eta = {eta}: eta is DDIM's noise scale, >= 0 and only with sampler 'ddim' (--sampler ddim)")
     _check_fraction("tail_dropping_fraction", tail_dropping_fraction)
     _check_fraction("uncond_tail_dropping_fraction", uncond_tail_dropping_fraction)
     if not is_dcdit and (float(tail_dropping_fraction) > 0 or uncond_tail_dropping_fraction not in (None, 0, 0.0)):

@@ -15,7 +15,7 @@ class Oracle(nn.Module):
 
     def __init__(self, x0, y, schedule="linear"):
         super().__init__()
-        self.x0, self.y, self.num_classes, self.noise_schedule = x0, y, 10, schedule
+        self.x0, self.y, self.num_classes, self.noise_schedule, self.learn_sigma = x0, y, 10, schedule, False
         self.alphas = torch.as_tensor(create_diffusion("", noise_schedule=schedule).alphas_cumprod, dtype=torch.float32)
 
     def forward(self, x_t, t, y):

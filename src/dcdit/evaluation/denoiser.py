@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diffusion import create_diffusion
+from ..diffusion import create_diffusion, unpack_model_output
 
 
 @dataclass
@@ -37,27 +37,28 @@ def wrong_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoiser_error_by_timestep(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, timesteps, seed: int = 0,
-                               noise_schedule: str | None = None) -> list[DenoiserRow]:
-    """x0 (B, C, H, W) in [-1, 1], y (B,) -> one DenoiserRow per timestep (same noise for all three labels)."""
+def denoiser_error_by_timestep(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, timesteps, seed: int = 0) -> list[DenoiserRow]:
+    """x0 (B, C, H, W) in [-1, 1], y (B,) -> one DenoiserRow per timestep (same noise for all three labels).
+
+    Noising and x̂0 go through the diffusion the model was trained with (its ``noise_schedule`` and
+    ``learn_sigma``), the same ``q_sample`` / ``_p_from_output`` path as training and sampling.
+    """
     if x0.ndim != 4 or y.shape != (x0.shape[0],):
         raise ValueError(f"expected x0 of shape (B, C, H, W) and y of shape (B,), got {tuple(x0.shape)} and {tuple(y.shape)}")
-    schedule = noise_schedule or getattr(model, "noise_schedule", "linear")
-    alphas = torch.as_tensor(create_diffusion("", noise_schedule=schedule).alphas_cumprod, dtype=torch.float32)
+    diffusion = create_diffusion("", noise_schedule=getattr(model, "noise_schedule", "linear"),
+                                 learn_sigma=bool(getattr(model, "learn_sigma", True)))
     num_classes = model.num_classes
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for t0 in timesteps:
-        a = alphas[int(t0)]
         noise = torch.randn(x0.shape, generator=gen)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         t = torch.full((len(x0),), int(t0))
+        x_t = diffusion.q_sample(x0, t, noise)
         x0_mse, eps_mse = [], []
         for labels in (y, wrong_labels(y, num_classes), torch.full_like(y, num_classes)):
-            out = model(x_t, t, labels)
-            eps = (out[0] if isinstance(out, tuple) else out)[:, : x0.shape[1]]
-            x0_hat = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-            x0_mse.append(((x0_hat - x0) ** 2).mean().item())
-            eps_mse.append(((eps - noise) ** 2).mean().item())
-        rows.append(DenoiserRow(int(t0), float(a), *x0_mse, eps_mse[0]))
+            output, _ = unpack_model_output(model(x_t, t, labels))
+            out = diffusion._p_from_output(output, x_t, t, clip_denoised=True)  # x̂0 clipped, as the samplers do
+            x0_mse.append(((out["pred_xstart"] - x0) ** 2).mean().item())
+            eps_mse.append(((out["model_output"] - noise) ** 2).mean().item())
+        rows.append(DenoiserRow(int(t0), float(diffusion.alphas_cumprod[int(t0)]), *x0_mse, eps_mse[0]))
     return rows
