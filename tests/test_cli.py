@@ -165,6 +165,18 @@ def test_demo_with_the_shipped_checkpoint(tmp_path):
         assert (out / f).stat().st_size > 1000
 
 
+def test_demo_train_retrains_from_scratch_and_samples_the_new_run(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--train", "--steps", "2", "--out", str(out), "--per-class", "1", "--sampling-steps", "2",
+                 "--no-progress"]) == 0
+    run = out / "train"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000002"
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]  # from step 1
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["ckpt"] == str(run) and settings["ckpt_step"] == 2 and settings["labels"] == list(range(10))
+    assert settings["model"] == load_run_config("mnist", []).model.__dict__  # the mnist config's model
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
