@@ -28,15 +28,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .utils import atomic_write_text
 from .config import RunConfig, build_model, run_config_from_dict, run_config_to_dict
 
 CONFIG_KEY = "dcdit_config"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_weights(path: Path, state_dict: dict, cfg: RunConfig, step: int) -> None:
@@ -82,7 +77,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, cfg: RunCon
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(ckpt_root / "latest", final.name)
+    atomic_write_text(ckpt_root / "latest", final.name)
     _prune(ckpt_root, keep_last, keep=final.name)
     return final
 

@@ -64,13 +64,3 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP and torch.compile wrappers by type (never by world size; cf. U-DiT #6)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

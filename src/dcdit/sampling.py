@@ -30,7 +30,6 @@ import contextlib
 import datetime as _dt
 import inspect
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from .models.dydit import dydit_usage
+from .utils import jsonable, unwrap
 
 __all__ = [
     "SampleResult",
@@ -88,18 +88,10 @@ class SampleResult:
         )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module behind torch.compile / DDP wrappers (for attributes and type checks)."""
-    inner = model
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(inner, attr, inner)
-    return inner
-
-
 def _is_dcdit(model: nn.Module) -> bool:
     from .models.dcdit import DCDiT
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if isinstance(inner, DCDiT):
         return True
     try:
@@ -195,7 +187,7 @@ def generate(
     """
     from .diffusion import create_diffusion
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     num_classes = int(inner.num_classes)
     in_channels = int(inner.in_channels)
     H, W = (int(s) for s in inner.grid)
@@ -422,24 +414,6 @@ def write_npz(images_uint8: np.ndarray, path, labels: np.ndarray | None = None) 
     return path
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, set)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().tolist()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (torch.device, torch.dtype, os.PathLike)):
-        return str(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
-
-
 def save_settings_json(path, settings: dict) -> str:
     """Write ``settings`` (every knob the caller used) plus the provenance: dcdit and torch
     versions, python version, device (``settings["device"]`` or the best available), and the date
@@ -459,7 +433,7 @@ def save_settings_json(path, settings: dict) -> str:
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         meta["cuda_device_name"] = torch.cuda.get_device_name(torch.device(str(device)))
-    data = {**_jsonable(settings), **meta}
+    data = {**jsonable(settings), **meta}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

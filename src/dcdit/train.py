@@ -36,7 +36,7 @@ from .config import RunConfig, build_model, model_config_to_dict, save_run_confi
 from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.embedders import LabelEmbedder
-from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target
+from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_dydit_router
 from .ratio_loss import ratio_loss
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
@@ -226,9 +226,6 @@ def _open_wandb(cfg: RunConfig, run_dir: Path, enabled: bool):
     return wandb.init(project="dcdit", dir=str(run_dir), config=json.loads(json.dumps(cfg, default=vars)))
 
 
-DYDIT_ROUTERS = ("attn_router.", "mlp_router.", "token_router.")
-
-
 def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
     """AdamW groups: every trainable parameter at ``train.lr``; with ``train.dydit_router_lr`` set,
     the DyDiT routers in a second group at that rate (their all-on initialisation needs large moves,
@@ -236,7 +233,7 @@ def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if tc.dydit_router_lr is None:
         return [{"params": [p for _, p in named], "lr": tc.lr}]
-    is_router = [any(r in n for r in DYDIT_ROUTERS) for n, _ in named]
+    is_router = [is_dydit_router(n) for n, _ in named]
     if not any(is_router):
         raise ValueError("train.dydit_router_lr is set but the model has no DyDiT routers: set model.dydit=true "
                          "or remove train.dydit_router_lr")

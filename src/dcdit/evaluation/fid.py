@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..utils import jsonable, sha256_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -313,14 +314,6 @@ class NVLabsInceptionExtractor(FeatureExtractor):
                 "resize": "299 inside the network"}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_feature_extractor(path, kind: str = "auto", input_range: str = "0-255", resize: int | None = None,
                            device: str | torch.device = "cpu") -> FeatureExtractor:
     """Load a TorchScript feature network from a LOCAL file (URLs are refused: nothing downloads).
@@ -348,7 +341,7 @@ def load_feature_extractor(path, kind: str = "auto", input_range: str = "0-255",
         except Exception:  # noqa: BLE001
             schema = ""
         kind = "nvlabs" if "return_features" in schema else "generic"
-    ident = f"{p.name}:sha256={_sha256_file(p)}"
+    ident = f"{p.name}:sha256={sha256_file(p)}"
     if kind == "nvlabs":
         return NVLabsInceptionExtractor(module, name=p.name, identity=ident, device=device)
     if kind == "generic":
@@ -541,7 +534,7 @@ def _describe_path(p: Path) -> dict:
         for f in files:
             h.update(f"{f.name}:{f.stat().st_size};".encode())
         return {"path": str(p), "format": "folder", "num_files": len(files), "names_sizes_sha256": h.hexdigest()}
-    return {"path": str(p), "format": p.suffix.lstrip("."), "sha256": _sha256_file(p), "bytes": p.stat().st_size}
+    return {"path": str(p), "format": p.suffix.lstrip("."), "sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
 def load_reference(path, extractor: FeatureExtractor, batch_size: int = 100, max_images: int | None = None,
@@ -763,20 +756,6 @@ def evaluate_samples(
     return results
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v
-
-
 def add_evaluate_args(parser) -> None:
     """Arguments of ``dcdit evaluate``."""
     parser.add_argument("samples", help="generated images: a folder of PNGs, an ADM .npz (arr_0 uint8 NxHxWx3) or a `dcdit sample-ddp` output folder")
@@ -828,7 +807,7 @@ def evaluate_main(args) -> int:
     out = Path(args.out) if args.out else (Path(settings_path).parent if settings_path else
                                            (samples if samples.is_dir() else samples.parent)) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_jsonable(res), indent=2, sort_keys=True) + "\n")
+    out.write_text(json.dumps(jsonable(res), indent=2, sort_keys=True) + "\n")
     m = res["metrics"]
     for k in ("fid", "inception_score", "precision", "recall"):
         if k in m:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..utils import sha256_file
 
 __all__ = [
     "CLASSIFIER_PATH",
@@ -239,14 +239,6 @@ def train_classifier(
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, mtime: float) -> tuple[MNISTClassifier, dict]:
     from safetensors import safe_open
@@ -259,7 +251,7 @@ def _load_cached(path: str, mtime: float) -> tuple[MNISTClassifier, dict]:
     model = MNISTClassifier(width=int(meta["width"]), feature_dim=int(meta["feature_dim"]), num_classes=int(meta["num_classes"]))
     model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False)
-    info = {"path": path, "sha256": _sha256(Path(path)), "test_accuracy": float(meta.get("test_accuracy", "nan")),
+    info = {"path": path, "sha256": sha256_file(path), "test_accuracy": float(meta.get("test_accuracy", "nan")),
             "feature_dim": int(meta["feature_dim"]), "train_settings": json.loads(meta.get("train_settings", "{}"))}
     return model, info
 

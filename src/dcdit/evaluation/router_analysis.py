@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from ..utils import unwrap
 
 __all__ = [
     "foreground_masks",
@@ -31,13 +32,6 @@ __all__ = [
     "add_router_analysis_args",
     "router_analysis_main",
 ]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = model
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(inner, attr, inner)
-    return inner
 
 
 def foreground_masks(images: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
@@ -94,7 +88,7 @@ def foreground_retention(
     """
     from ..diffusion import create_diffusion
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if images.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     N, C, H, W = images.shape

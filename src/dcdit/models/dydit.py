@@ -451,13 +451,21 @@ def set_dydit_execution(model: nn.Module, sliced: bool) -> None:
             m.sliced_inference = sliced
 
 
+ROUTER_MODULES = ("attn_router.", "mlp_router.", "token_router.")
+
+
+def is_dydit_router(name: str) -> bool:
+    """True for a parameter name of a DyDiT router (the keys a DC-DiT checkpoint lacks)."""
+    return any(k in name for k in ROUTER_MODULES)
+
+
 def dydit_router_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of the DyDiT routers (the keys a DC-DiT checkpoint lacks)."""
-    return [(n, p) for n, p in model.named_parameters() if any(k in n for k in ("attn_router.", "mlp_router.", "token_router."))]
+    """(name, parameter) of the DyDiT routers."""
+    return [(n, p) for n, p in model.named_parameters() if is_dydit_router(n)]
 
 
 __all__ = [
     "DynamicDiTBlock", "DyDiTBlockStats", "DyDiTRecord", "gumbel_sigmoid", "dydit_flops_ratio", "dydit_flops_loss",
-    "flops_target", "dydit_usage", "set_dydit_execution", "dydit_router_parameters", "token_router_width",
+    "flops_target", "dydit_usage", "set_dydit_execution", "dydit_router_parameters", "is_dydit_router", "token_router_width",
     "WIDTH_BIAS_INIT", "TOKEN_BIAS_INIT",
 ]
