@@ -1,5 +1,5 @@
 """Presets and config handling. Parameter counts against the papers' figures and against closed
-forms written by hand from the architecture (SPEC §1, conv_blocks.py docstring):
+forms written by hand from the architecture (paper §3.1-3.2, conv_blocks.py docstring):
 
 ResBlock(i → m → o) with condition width D: GroupNorm(i) 2i, Conv3×3 i→m 9im + m, Linear D→m Dm + m,
 GroupNorm(m) 2m, Conv3×3 m→o 9mo + o, skip Conv1×1 io + o when i ≠ o.

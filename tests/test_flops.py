@@ -42,7 +42,7 @@ def test_dit_reproduces_paper_gflops(name, paper_gmacs):
 
 
 def test_tflops_per_image_of_dit_xl2_matches_dc_dit_paper_convention():
-    # DC-DiT paper: TFLOPs/img = 2 × MACs × 250 steps; DiT-XL/2 → 59 TFLOPs/img (SPEC §4).
+    # DC-DiT paper: TFLOPs/img = 2 × MACs × 250 steps; DiT-XL/2 → 59 TFLOPs/img (paper §4.2).
     macs = dit_macs(get_preset("DiT-XL/2")).total
     trace = [{"kept": torch.tensor([256]), "natural": torch.tensor([256]), "tokens": 1024}] * 250
     res = sampling_flops(get_preset("DiT-XL/2"), trace, cfg_guidance=False)

@@ -1,4 +1,4 @@
-"""Ratio loss (SPEC §2) against the closed form computed by hand with exact fractions.
+"""Ratio loss (paper §3.5) against the closed form computed by hand with exact fractions.
 
 L = N/(N − 1) · ((1 − r̂)(1 − p̄) + (N − 1) r̂ p̄), r̂ = mean(m), p̄ = mean(p), per group of
 ``group_size`` consecutive samples, averaged over groups.  ∂L/∂p̄ = N (N r̂ − 1)/(N − 1), and every

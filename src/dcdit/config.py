@@ -217,7 +217,7 @@ class DataConfig:
 
 @dataclass
 class MultiBudgetConfig:
-    """Multi-budget training (SPEC §2): from ``start_step`` on, each step draws one tail-drop
+    """Multi-budget training (the authors' release; README "Multi-budget training"): from ``start_step`` on, each step draws one tail-drop
     fraction uniformly from ``fractions``."""
 
     fractions: list[float] = field(default_factory=list)

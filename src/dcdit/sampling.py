@@ -9,7 +9,7 @@ One entry point, :func:`generate`, for both architectures and both samplers::
     res.trace[k]["kept"] # tokens the inner blocks saw at step k (conditional half)
     write_npz(to_uint8_images(decoded), "samples.npz")  # the ADM evaluation-suite format
 
-Conventions (SPEC §4):
+Conventions:
 
 * Classifier-free guidance is used exactly when ``cfg_scale != 1.0``: the batch is [cond; uncond]
   with the null label ``model.num_classes`` and both halves start from the same noise (DiT's

@@ -1,4 +1,4 @@
-"""Upcycling a pretrained DiT into DC-DiT (arXiv 2603.06351 §4.4; SPEC §5).
+"""Upcycling a pretrained DiT into DC-DiT (arXiv 2603.06351 §4.4; docs/upcycling.md).
 
 1. :func:`load_pretrained_dit` reads a DiT from the official release format (``.pt`` with a bare state
    dict or one under ``ema`` / ``model``, read with ``torch.load(weights_only=True)``) or diffusers'

@@ -1,4 +1,4 @@
-"""Figures users expect from a DC-DiT run (SPEC §4): a sample grid, ``chunking_viz.png`` (x_t, the
+"""Figures users expect from a DC-DiT run: a sample grid, ``chunking_viz.png`` (x_t, the
 boundary-probability map and the kept tokens across timesteps) and the compression ratio against
 timestep (paper Fig. 4). Matplotlib with the Agg backend (no display needed) and PIL.
 

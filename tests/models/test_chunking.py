@@ -1,4 +1,4 @@
-"""Tail dropping (SPEC §1.5) and slot planning (SPEC §1.6) against brute-force Python references.
+"""Tail dropping (elastic inference) and slot planning (paper §3.3, batched chunking and padding) against brute-force Python references.
 
 Tail drop: among a sample's n boundaries, the ⌊f·n⌋ with the lowest p are dropped (f is a decimal
 fraction: ⌊f·n⌋ is computed exactly with ``fractions.Fraction``), ties → lowest grid index first

@@ -1,4 +1,4 @@
-"""De-chunking (SPEC §1.9) against a brute-force loop of the paper's formula.
+"""De-chunking (paper §3.4) against a brute-force loop of the paper's formula.
 
 Reference: for every sample, over its REAL kept tokens only (p clamped to [1e-4, 1 − 1e-4]),
     W_ij = exp(−d²_ij / 2σ²) · p_j,  h̃_i = Σ_j W_ij h_j / Σ_j W_ij,  out_i = p_i h_i + (1 − p_i) h̃_i,
@@ -35,7 +35,7 @@ def make_record(p: torch.Tensor, kept: list[list[int]], padding: list[list[int]]
 
 
 def brute_force_dechunk(z, p, kept, grid, sigma):
-    """Loop form of SPEC §1.9 + plug-back. z (B, M, D) with the sample's kept tokens in the first slots
+    """Loop form of paper §3.4 + plug-back. z (B, M, D) with the sample's kept tokens in the first slots
     in raster order; p (B, L). Works with autograd (float64 recommended). Returns (B, L, D)."""
     H, W = grid
     B = z.shape[0]

@@ -1,4 +1,4 @@
-"""Routers (SPEC §1.4) against closed forms and brute-force loops.
+"""Routers (paper §3.3; the release's predictability router) against closed forms and brute-force loops.
 
 Cosine router reference: q = W_Q h, k = W_K h, ℓ2-normalised per token; k̄_i[c] = Σ_taps w[c, tap] ·
 k[clamp(neighbour)][c] (the 3×3 depthwise kernel over the replicate-padded grid — the documented

@@ -72,7 +72,7 @@ class RoutingRecord:
 
 
 def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tensor) -> torch.Tensor:
-    """Drop the ⌊f·n⌋ lowest-p boundaries of each sample (elastic inference, SPEC §1.5).
+    """Drop the ⌊f·n⌋ lowest-p boundaries of each sample (elastic inference, the authors' release; README "Elastic inference").
 
     p, mask: (B, L); fraction: a float or a (B,) tensor in [0, 1). Returns the kept mask (B, L).
     Equal p values are dropped lowest grid index first. ⌊f·n⌋ is taken with a relative tolerance of
