@@ -22,10 +22,29 @@ TINY = [
 ]
 
 
-def run_cli(args, env_extra=None, check=True, nproc=None):
+# `dcdit ...` in a subprocess that SIGKILLs itself right after the optimizer has applied step {step}
+# (the training loop itself has no test hook; this patches its optimizer update from outside).
+KILLED_AFTER_STEP = """
+import os, signal, sys
+import dcdit.train as T
+real = T.optimizer_update
+def update_then_die(run, loss_ok):
+    out = real(run, loss_ok)
+    if run.step + 1 == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+T.optimizer_update = update_then_die
+from dcdit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(args, env_extra=None, check=True, nproc=None, kill_after_step=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dcdit.cli", *args]
+    elif kill_after_step is not None:
+        cmd = [sys.executable, "-c", KILLED_AFTER_STEP.format(step=kill_after_step), *args]
     else:
         cmd = [sys.executable, "-m", "dcdit.cli", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -89,8 +108,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL after step 5 (last checkpoint at 4); --resume must reproduce the uninterrupted run bit for bit."""
     args = ["train", "mnist", *TINY, "train.steps=6", "--no-progress"]
     run_cli([*args, "--out", str(tmp_path / "straight")])
-    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env_extra={"DCDIT_KILL_AT_STEP": "5"}, check=False)
-    assert killed.returncode != 0  # it really died
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], kill_after_step=5, check=False)
+    assert killed.returncode == -9  # it really died, by SIGKILL
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "0000004"
     run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
     steps = [int(r.split(",")[0]) for r in (tmp_path / "killed" / "log.csv").read_text().splitlines()[1:]]
@@ -243,29 +262,6 @@ def test_ema_warmup_follows_the_closed_form(tmp_path):
     assert raw1[k].abs().max() > 0
 
 
-def test_csv_log_keeps_columns_aligned_when_they_change(tmp_path):
-    from dcdit.train import CSVLog
-
-    log = CSVLog(tmp_path / "log.csv")
-    log.write({"step": 1, "loss": 0.5})
-    log.write({"step": 2, "loss": 0.4, "distill_loss": 0.1})
-    import csv
-
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert rows == [{"step": "1", "loss": "0.5", "distill_loss": ""}, {"step": "2", "loss": "0.4", "distill_loss": "0.1"}]
-
-
-def test_csv_log_resume_survives_a_malformed_row_and_keeps_earlier_rows(tmp_path):
-    """A row longer than the header (an older dcdit's log) must not make resume fail or lose rows."""
-    from dcdit.train import CSVLog
-
-    path = tmp_path / "log.csv"
-    path.write_text("step,loss\n1,0.5\n2,0.4,extra\n3,0.3\n4,0.2\n")
-    CSVLog(path, resume_step=3)
-    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4,extra", "3,0.3"]
-    assert not (tmp_path / "log.csv.tmp").exists()
-
-
 def test_label_dropout_is_applied_once_from_the_step_stream(tmp_path, monkeypatch):
     """The model sees the null class exactly where the step's stream drew a drop (p = 0.5), not a
     second random drop inside the training-mode model (which made the rate 1 − (1 − p)²)."""
@@ -307,3 +303,61 @@ def test_training_noises_with_the_models_noise_schedule(tmp_path, monkeypatch):
     torch.testing.assert_close(x_t, ac.sqrt() * x0 + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
     model, _, _ = load_model(str(tmp_path / "run"))
     assert model.noise_schedule == "cosine"
+
+
+# ------------------------------------------------------------------ the loop's parts, each alone
+
+
+def test_batch_split():
+    from dcdit.train import batch_split
+
+    assert batch_split(256, 8, None) == (32, 1) and batch_split(256, 8, 16) == (16, 2) and batch_split(8, 1, 4) == (4, 2)
+    with pytest.raises(ValueError, match="micro_batch_size dividing 128"):
+        batch_split(256, 2, 48)
+
+
+def test_optimizer_update_applies_finite_steps_and_skips_the_rest():
+    """Finite gradients: AdamW moves the weights and the EMA is decay·ema + (1 − decay)·new weights.
+    A NaN gradient (or a loss flagged non-finite): nothing moves, the Adam state stays empty."""
+    from dcdit.train import optimizer_update, setup_run
+
+    cfg = load_run_config("mnist", TINY + ["train.ema_decay=0.9", "train.ema_warmup=false", "train.grad_clip=0"])
+    run = setup_run(cfg, "/tmp/never-written", resume=False, device="cpu")
+    p = run.model.final_layer.linear.weight
+    before, ema_before = p.detach().clone(), run.ema.final_layer.linear.weight.detach().clone()
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    q0 = next(run.model.parameters())
+    q0.grad[0] = float("nan")
+    assert optimizer_update(run, torch.ones(()))[0] is False
+    assert torch.equal(p, before) and not run.optimizer.state and all(q.grad is None for q in run.model.parameters())
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    assert optimizer_update(run, torch.zeros(()))[0] is False  # the loss was not finite on some micro-batch
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    applied, norm = optimizer_update(run, torch.ones(()))
+    n = sum(q.numel() for q in run.model.parameters() if q.requires_grad)
+    assert applied and norm == pytest.approx(n ** 0.5, rel=1e-5)
+    torch.testing.assert_close(p.detach(), before - 1e-3, atol=1e-6, rtol=0)  # Adam's first step: lr · sign(grad)
+    torch.testing.assert_close(run.ema.final_layer.linear.weight, 0.9 * ema_before + 0.1 * p.detach())
+
+
+def test_loss_terms_add_the_weighted_ratio_loss():
+    """Same batch and seeds, ratio_loss_weight 0 vs 0.5: the totals differ by 0.5 × the ratio loss of
+    the step's routing record (recomputed here with dcdit.ratio_loss)."""
+    from dcdit.ratio_loss import ratio_loss
+    from dcdit.train import draw_step, load_micro_batch, loss_terms, setup_run
+
+    totals = {}
+    for w in (0.0, 0.5):
+        run = setup_run(load_run_config("mnist", TINY + [f"train.ratio_loss_weight={w}"]), "/tmp/never-written",
+                        resume=False, device="cpu")
+        batch = load_micro_batch(run, draw_step(run), 0)
+        torch.manual_seed(0)
+        terms = loss_terms(run, batch, 0.0)
+        totals[w] = terms
+    r = ratio_loss(totals[0.5]["record"], 4.0, 4)
+    assert float(r.detach()) > 0 and torch.equal(totals[0.0]["diffusion"], totals[0.5]["diffusion"])
+    torch.testing.assert_close(totals[0.5]["loss"] - totals[0.0]["loss"], 0.5 * r)
+    torch.testing.assert_close(totals[0.0]["loss"], totals[0.0]["diffusion"])
