@@ -361,3 +361,192 @@ def test_loss_terms_add_the_weighted_ratio_loss():
     assert float(r.detach()) > 0 and torch.equal(totals[0.0]["diffusion"], totals[0.5]["diffusion"])
     torch.testing.assert_close(totals[0.5]["loss"] - totals[0.0]["loss"], 0.5 * r)
     torch.testing.assert_close(totals[0.0]["loss"], totals[0.0]["diffusion"])
+
+
+# ------------------------------------------------------------------ guards (issue 18): divergence, signals, resume, labels
+
+
+def all_checkpoint_tensors(run_dir: Path) -> dict:
+    out = {}
+    for ckpt in sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir()):
+        for which in ("model", "ema"):
+            out.update({f"{ckpt.name}/{which}/{k}": v for k, v in weights(run_dir, int(ckpt.name), which).items()})
+    return out
+
+
+def test_divergence_stops_after_max_nonfinite_steps(tmp_path, capsys):
+    """lr = 1e30: step 1 is finite (the loss is taken before the update), every later step is not.
+    With max_nonfinite_steps=3 the run stops at step 4 with one line naming the key, and every
+    checkpoint on disk holds finite weights."""
+    from dcdit.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "mnist", *TINY, "train.lr=1e30", "train.max_nonfinite_steps=3", "train.steps=50",
+                 "train.ckpt_every=1", "train.keep_last=10", "--out", str(run), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "training diverged: steps 2-4" in err[0] and "train.max_nonfinite_steps=3" in err[0] and "train.lr" in err[0]
+    tensors = all_checkpoint_tensors(run)
+    assert {k.split("/")[0] for k in tensors} == {"0000001", "0000002", "0000003"}  # nothing after the stop
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_only_consecutive_nonfinite_steps_count(tmp_path, monkeypatch):
+    """NaN losses at steps 2 and 4 with max_nonfinite_steps=2: the streak restarts, the run finishes.
+    At steps 2 and 3 it stops (a counter of all skipped steps would stop in both cases)."""
+    import dcdit.train as T
+
+    real = T.ratio_loss
+
+    def nan_at(steps):
+        calls = {"n": 0}
+
+        def ratio(record, *a, **k):
+            calls["n"] += 1  # one micro-batch per step here
+            out = real(record, *a, **k)
+            return out * float("nan") if calls["n"] in steps else out
+        return ratio
+
+    monkeypatch.setattr(T, "ratio_loss", nan_at({2, 4}))
+    summary = train(load_run_config("mnist", TINY + ["train.steps=5", "train.max_nonfinite_steps=2"]), tmp_path / "a",
+                    progress=False)
+    assert summary["step"] == 5 and summary["skipped_steps"] == 2
+    monkeypatch.setattr(T, "ratio_loss", nan_at({2, 3}))
+    with pytest.raises(T.TrainingDiverged, match="steps 2-3"):
+        train(load_run_config("mnist", TINY + ["train.steps=5", "train.max_nonfinite_steps=2"]), tmp_path / "b",
+              progress=False)
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """A finite loss and gradient can still leave NaN weights (train.lr=inf does): the checkpoint of
+    that step is refused, the one before stays the newest, and no temporary folder is left."""
+    import dcdit.train as T
+
+    real = T.optimizer_update
+
+    def poison_step_two(run, loss_ok):
+        out = real(run, loss_ok)
+        if run.step == 1:  # the update of step 2
+            with torch.no_grad():
+                run.model.final_layer.linear.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(T, "optimizer_update", poison_step_two)
+    cfg = load_run_config("mnist", TINY + ["train.steps=4", "train.ckpt_every=1"])
+    with pytest.raises(T.TrainingDiverged, match=r"step 2: the weights hold non-finite values \(final_layer.linear.weight"):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0000001", "latest"]
+    assert all(torch.isfinite(v).all() for v in all_checkpoint_tensors(tmp_path / "run").values())
+
+
+def wait_for_log_row(run_dir: Path, proc, min_step: int = 2, timeout: float = 300) -> None:
+    import time
+
+    log, t0 = run_dir / "log.csv", time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it was signalled:\n{proc.stderr.read()[-3000:]}")
+        if log.exists() and any(r.split(",")[0].isdigit() and int(r.split(",")[0]) >= min_step
+                                for r in log.read_text().splitlines()[1:]):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no log row in time")
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
+    """A real `dcdit train` receives SIGTERM mid-run: it finishes the step, writes a checkpoint at
+    that step (no ckpt_every step is near), exits 143 with the resume command; resumed to two steps
+    further it equals, bit for bit, a run that was never interrupted."""
+    import signal
+
+    args = ["train", "mnist", *TINY, "train.log_every=1", "train.ckpt_every=100000", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dcdit.cli", *args, "train.steps=100000", "--out", str(tmp_path / "a")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log_row(tmp_path / "a", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    k = int((tmp_path / "a" / "checkpoints" / "latest").read_text())
+    assert k >= 2 and f"stopped by SIGTERM after step {k}" in err and f"--out {tmp_path / 'a'} --resume" in err
+    run_cli([*args, f"train.steps={k + 2}", "--out", str(tmp_path / "a"), "--resume"])
+    run_cli([*args, f"train.steps={k + 2}", "--out", str(tmp_path / "b")])
+    for which in ("model", "ema"):
+        a, b = weights(tmp_path / "a", k + 2, which), weights(tmp_path / "b", k + 2, which)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), which
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun with 2 gloo ranks; SIGTERM goes to rank 1 only. Rank 0 never sees it, yet writes the
+    checkpoint of the step at which both stop (reduced stop flag), and both processes exit."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dcdit.cli", "train",
+           "mnist", *TINY, "train.log_every=1", "train.ckpt_every=100000", "train.steps=100000", "--out", str(tmp_path / "r"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log_row(tmp_path / "r", proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        rank1 = [int(c) for c in children if b"RANK=1" in Path(f"/proc/{c}/environ").read_bytes().split(b"\0")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    k = int((tmp_path / "r" / "checkpoints" / "latest").read_text())
+    assert 2 <= k < 100000 and f"stopped by SIGTERM after step {k}" in err
+    rows = [r.split(",")[0] for r in (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]]
+    assert rows[-1] == str(k)  # rank 0 stopped after that step, too
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, capsys):
+    from dcdit.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "mnist", *TINY, "--out", str(run), "--no-progress"]
+    assert main([*base, "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*base, "train.steps=4", "train.seed=1", "train.micro_batch_size=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed: 0 in the run, 1 now" in err and "train.micro_batch_size: None in the run, 4 now" in err
+    assert "batch layout: 1 process(es) × micro-batch 8 in the run, 1 × 4 now" in err and "--allow-changed" in err
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000002"  # nothing trained
+    assert main([*base, "train.steps=3", "train.log_every=5", "train.ckpt_every=7", "--resume"]) == 0  # free settings
+    capsys.readouterr()
+    assert main([*base, "train.steps=4", "train.lr=5e-4", "--resume", "--allow-changed"]) == 0
+    out = capsys.readouterr().out
+    assert "changed settings" in out and "train.lr: 0.001 in the run, 0.0005 now" in out
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000004"
+
+
+@pytest.mark.parametrize("num_classes", [5, 9])
+def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path, num_classes):
+    """MNIST labels are 0..9: num_classes=9 would make digit 9 the null class, 5 would index past the table."""
+    cfg = load_run_config("mnist", TINY + [f"model.num_classes={num_classes}"])
+    with pytest.raises(ValueError, match=rf"labels 0\.\.9 but model.num_classes={num_classes}.*set model.num_classes=10"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_stop_signals_set_a_flag_and_a_second_signal_acts_at_once():
+    import signal
+    import threading
+
+    from dcdit.preemption import StopSignals
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.agreed("cpu") == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

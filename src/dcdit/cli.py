@@ -87,12 +87,23 @@ def cmd_upcycle(args) -> int:
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
+    from .preemption import TrainingInterrupted
     from .train import train
 
     cfg = load_run_config(args.config, args.overrides)
     out = args.out or os.path.join("runs", Path(args.config).stem)
-    summary = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+                        allow_changed=args.allow_changed)
+    except TrainingInterrupted as e:  # pre-empted: the checkpoint is written, say how to go on
+        if main_rank:
+            words = " ".join(["dcdit train", args.config, *args.overrides, "--out", str(out), "--resume"])
+            launcher = " (under the same torchrun / accelerate launch)" if "WORLD_SIZE" in os.environ else ""
+            print(f"dcdit train: stopped by {e.signal_name} after step {e.step}, checkpoint {e.checkpoint} written; "
+                  f"resume with: {words}{launcher}", file=sys.stderr)
+        return 128 + e.signum
+    if main_rank:
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -217,11 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train DC-DiT or DiT. CONFIG is a YAML file or a packaged config name "
                                    "(mnist, DC-DiT-B-N4, DiT-XL-2, ...). Overrides: section.key=value words, e.g. "
                                    "train.steps=1000 train.global_batch_size=64 model.depth=4. Multi-GPU: "
-                                   "torchrun --nproc_per_node=8 -m dcdit.cli train CONFIG (or accelerate launch).")
+                                   "torchrun --nproc_per_node=8 -m dcdit.cli train CONFIG (or accelerate launch). "
+                                   "SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the step, write a checkpoint and exit "
+                                   "with 128 + the signal number; the same command with --resume continues exactly. "
+                                   "train.max_nonfinite_steps non-finite steps in a row stop a diverging run.")
     p.add_argument("config", help="YAML config path or packaged config name")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: accept settings that differ from the run's (seed, batch sizes, lr, data, ...) "
+                        "and say which; without it they are refused, since the run would no longer continue exactly")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)

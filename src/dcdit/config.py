@@ -278,6 +278,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 50_000
     keep_last: int = 2  # checkpoints kept besides the final one
+    max_nonfinite_steps: int = 8  # stop (TrainingDiverged) after this many consecutive skipped non-finite steps
     tensorboard: bool = True
     wandb: bool = False
 

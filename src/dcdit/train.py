@@ -11,6 +11,12 @@ in the global batch). Hence
 Label dropout is drawn here (not inside the model's label embedder, whose own dropout is switched
 off) for the same reason. The ratio loss is computed per micro-batch in groups of
 ``ratio_batch_size`` samples, as the authors' release does per device.
+
+Guards: a step with a non-finite loss or gradient norm is skipped, and ``train.max_nonfinite_steps``
+of them in a row stop the run (:class:`TrainingDiverged`); weights are checked before every
+checkpoint, so none holds a NaN or inf. SIGTERM / SIGINT finish the step, write a checkpoint and
+stop (``dcdit.preemption``). ``--resume`` refuses settings that would change the trajectory
+(:func:`changed_settings`) unless told ``allow_changed``.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .checkpoint import find_checkpoint, load_state_dict_checked, read_weights, save_checkpoint, set_rng_state
-from .config import ModelConfig, RunConfig, build_model, model_config_to_dict
+from .config import ModelConfig, RunConfig, build_model, model_config_to_dict, run_config_to_dict
 from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_dydit_router
 from .models.embedders import LabelEmbedder
 from .models.interface import predict, routes_tokens
+from .preemption import StopSignals, TrainingInterrupted
 from .ratio_loss import ratio_loss
 from .train_log import TrainLogger
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
@@ -131,6 +138,20 @@ def check_data_matches_model(sample: torch.Tensor, model) -> None:
         )
 
 
+def check_labels_fit(dataset, cfg: RunConfig) -> None:
+    """The data's labels must be classes of the model: label ``num_classes`` is the null class of
+    classifier-free guidance, so a real class there would silently become unconditional."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return
+    lo, hi, k = int(labels.min()), int(labels.max()), cfg.model.num_classes
+    if lo < 0 or hi >= k:
+        raise ValueError(
+            f"the {cfg.data.name} data set has labels {lo}..{hi} but model.num_classes={k} (classes 0..{k - 1}; "
+            f"{k} is the null label of guidance): set model.num_classes={hi + 1}" + (" or more" if lo >= 0 else "")
+        )
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -207,6 +228,7 @@ class TrainingRun:
     accum: int = 1
     step: int = 0
     skipped_total: int = 0
+    nonfinite_streak: int = 0  # consecutive skipped steps up to now
     wall_before: float = 0.0
 
     @property
@@ -218,7 +240,7 @@ class TrainingRun:
         return self.teacher is not None and self.step < self.cfg.train.upcycle.distill_steps
 
 
-def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None) -> TrainingRun:
+def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None, allow_changed: bool = False) -> TrainingRun:
     """The process group, model, EMA, optimizer and data of a run; resumed from its latest checkpoint
     or started fresh (optionally from ``train.init_from``). A straight sequence kept whole: its order
     fixes what the seeded global random stream initialises."""
@@ -236,6 +258,7 @@ def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None) -> Trai
     optimizer = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     dataset = build_train_dataset(cfg)
     check_data_matches_model(dataset[0][0], model)
+    check_labels_fit(dataset, cfg)
     if tc.multi_budget.fractions and not routes_tokens(model):
         raise ValueError("train.multi_budget draws tail-drop fractions, which only a DC-DiT has: remove "
                          "train.multi_budget.fractions or set model.arch to dcdit")
@@ -243,7 +266,7 @@ def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None) -> Trai
     run = TrainingRun(cfg, run_dir, dist_info, model, ema, optimizer, dataset, diffusion, EpochOrder(len(dataset), tc.seed),
                       tuple(dataset[0][0].shape), teacher, model, micro, accum)
     if resume:
-        resume_from_checkpoint(run)
+        resume_from_checkpoint(run, allow_changed)
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     elif tc.init_from:
@@ -266,17 +289,56 @@ def check_same_model(saved: RunConfig, now: RunConfig, ckpt: Path, run_dir: Path
                          f"resume with the run's own config: dcdit train {run_dir / 'config.yaml'} --out {run_dir} --resume")
 
 
-def resume_from_checkpoint(run: TrainingRun) -> None:
-    """Weights, EMA, optimizer, counters and RNG state of the run folder's latest checkpoint."""
+# Settings that do not change what a step computes: a run may resume with other values of these.
+RESUME_FREE = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.tensorboard",
+               "train.wandb", "train.max_nonfinite_steps", "train.init_from"}
+
+
+def _flat(section: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(f"{section}.{k}", v) if isinstance(v, dict) else {f"{section}.{k}": v})
+    return out
+
+
+def changed_settings(saved: RunConfig, now: RunConfig, saved_layout: dict, now_layout: dict) -> list[str]:
+    """What differs between a run and the settings it is resumed with, among everything that changes
+    the training trajectory: the data and train sections (except :data:`RESUME_FREE`) and the batch
+    layout (processes × micro-batch; older checkpoints did not record it). One line per change."""
+    old, new = ({k: v for s in ("data", "train") for k, v in _flat(s, run_config_to_dict(c)[s]).items()} for c in (saved, now))
+    changes = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+               if k not in RESUME_FREE and old.get(k) != new.get(k)]
+    if saved_layout and saved_layout != now_layout:
+        changes.append(f"batch layout: {saved_layout['world_size']} process(es) × micro-batch {saved_layout['micro_batch_size']} "
+                       f"in the run, {now_layout['world_size']} × {now_layout['micro_batch_size']} now")
+    return changes
+
+
+def resume_from_checkpoint(run: TrainingRun, allow_changed: bool = False) -> None:
+    """Weights, EMA, optimizer, counters and RNG state of the run folder's latest checkpoint. The
+    model must be the run's; other settings that change the trajectory are refused unless
+    ``allow_changed`` (then listed)."""
     ckpt = find_checkpoint(run.run_dir)
     state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
     check_same_model(saved_cfg, run.cfg, ckpt, run.run_dir)
+    ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+    changes = changed_settings(saved_cfg, run.cfg, ts.get("batch_layout", {}), batch_layout(run))
+    if changes and not allow_changed:
+        raise ValueError(f"cannot resume {ckpt} exactly, these settings differ from the run's: {'; '.join(changes)}. "
+                         f"Resume with the run's settings ({run.run_dir / 'config.yaml'}), or pass --allow-changed "
+                         f"to continue with the new ones")
+    if changes and run.dist.is_main:
+        print(f"resuming {ckpt} with changed settings (the run no longer continues exactly): {'; '.join(changes)}")
     load_state_dict_checked(run.model, state, str(ckpt / "model.safetensors"))
     load_state_dict_checked(run.ema, read_weights(ckpt / "ema.safetensors")[0], str(ckpt / "ema.safetensors"))
-    ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
     run.optimizer.load_state_dict(ts["optimizer"])
     run.step, run.skipped_total, run.wall_before = ts["step"], ts.get("skipped_steps", 0), ts.get("wall_time", 0.0)
+    run.nonfinite_streak = ts.get("nonfinite_streak", 0)
     set_rng_state(ts["rng"])
+
+
+def batch_layout(run: TrainingRun) -> dict:
+    return {"world_size": run.dist.world_size, "micro_batch_size": run.micro}
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -407,35 +469,93 @@ def optimizer_update(run: TrainingRun, loss_ok: torch.Tensor) -> tuple[bool, flo
 # ------------------------------------------------------------------------------------ checkpoints and the loop
 
 
-def write_checkpoint(run: TrainingRun, seconds: float) -> None:
-    """Rank 0 writes ``checkpoints/<step>`` (atomically, see dcdit.checkpoint); every rank waits for it."""
+class TrainingDiverged(ValueError):
+    """The run stopped because its loss or weights stopped being finite. A ValueError: a setting
+    (the learning rate, usually) causes it, and the message says which and what to do."""
+
+
+def _last_checkpoint(run: TrainingRun) -> str:
+    latest = run.run_dir / "checkpoints" / "latest"
+    return str(run.run_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else "none yet"
+
+
+def check_divergence(run: TrainingRun) -> None:
+    """``train.max_nonfinite_steps`` skipped steps in a row end the run (the same on every rank: the
+    skip decision is reduced over ranks)."""
+    limit = run.cfg.train.max_nonfinite_steps
+    if run.nonfinite_streak >= limit:
+        raise TrainingDiverged(
+            f"training diverged: steps {run.step - run.nonfinite_streak + 1}-{run.step} all had a non-finite loss or "
+            f"gradient norm (train.max_nonfinite_steps={limit}); the newest checkpoint ({_last_checkpoint(run)}) holds "
+            f"finite weights: resume it with a lower train.lr (now {run.cfg.train.lr:g}) and --allow-changed")
+
+
+def nonfinite_weights(run: TrainingRun) -> list[str]:
+    """Names of the model / EMA tensors holding a NaN or inf."""
+    return [f"{prefix}{name}" for prefix, module in (("", run.model), ("ema: ", run.ema))
+            for name, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def write_checkpoint(run: TrainingRun, seconds: float) -> Path:
+    """Rank 0 writes ``checkpoints/<step>`` (atomically, see dcdit.checkpoint); every rank waits for it.
+    Weights with a NaN or inf are never written: every rank checks its own (identical) copy first."""
+    bad = nonfinite_weights(run)
+    if bad:
+        raise TrainingDiverged(
+            f"step {run.step}: the weights hold non-finite values ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}), "
+            f"so no checkpoint was written; the newest checkpoint ({_last_checkpoint(run)}) is intact: resume it with "
+            f"a lower train.lr (now {run.cfg.train.lr:g}) and --allow-changed")
+    final = run.run_dir / "checkpoints" / f"{run.step:07d}"
     if run.dist.is_main:
-        extra = {"skipped_steps": run.skipped_total, "wall_time": run.wall_before + seconds}
-        save_checkpoint(run.run_dir, run.step, run.model, run.ema, run.optimizer, run.cfg, extra, keep_last=run.cfg.train.keep_last)
+        extra = {"skipped_steps": run.skipped_total, "nonfinite_streak": run.nonfinite_streak,
+                 "wall_time": run.wall_before + seconds, "batch_layout": batch_layout(run)}
+        final = save_checkpoint(run.run_dir, run.step, run.model, run.ema, run.optimizer, run.cfg, extra,
+                                keep_last=run.cfg.train.keep_last)
     D.barrier()
+    return final
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint.
+def run_steps(run: TrainingRun, logger: TrainLogger, stop: StopSignals, t_start: float) -> None:
+    """Steps until ``train.steps``: the step's draws → forward/backward over the micro-batches →
+    optimizer and EMA update → a log row and a checkpoint when due → stop on divergence or a signal."""
+    tc = run.cfg.train
+    while run.step < tc.steps:
+        draws = draw_step(run)
+        applied, grad_norm = optimizer_update(run, accumulate_gradients(run, draws, logger))
+        run.skipped_total += not applied
+        run.nonfinite_streak = 0 if applied else run.nonfinite_streak + 1
+        logger.end_step(run.step, draws.fraction, grad_norm, applied)
+        run.step += 1
+        signum = stop.agreed(run.device)
+        if run.step % tc.log_every == 0 or run.step == tc.steps or run.step == 1 or signum:
+            logger.write(run.step, run.skipped_total, run.device)
+        check_divergence(run)
+        if run.step % tc.ckpt_every == 0 or run.step == tc.steps or signum:
+            checkpoint = write_checkpoint(run, time.time() - t_start)
+        if signum:
+            raise TrainingInterrupted(signum, run.step, checkpoint)
 
-    Each step: the step's draws → forward/backward over the micro-batches → optimizer and EMA update
-    → a log row and a checkpoint when due. Returns the summary also written to ``train_summary.json``."""
-    run = setup_run(cfg, run_dir, resume, device)
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True,
+          allow_changed: bool = False) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint (with
+    settings that change the trajectory only when ``allow_changed``).
+
+    Returns the summary also written to ``train_summary.json``. Raises :class:`TrainingDiverged`
+    when the loss or the weights stop being finite, and
+    :class:`~dcdit.preemption.TrainingInterrupted` after the checkpoint a SIGTERM / SIGINT asked for."""
+    run = setup_run(cfg, run_dir, resume, device, allow_changed)
     tc = run.cfg.train
     logger = TrainLogger(run.cfg, run.run_dir, run.dist, total_steps=tc.steps, start_step=run.step,
                          resume_step=run.step if resume else None, progress=progress)
     t_start = time.time()
     run.model.train()
-    while run.step < tc.steps:
-        draws = draw_step(run)
-        applied, grad_norm = optimizer_update(run, accumulate_gradients(run, draws, logger))
-        run.skipped_total += not applied
-        logger.end_step(run.step, draws.fraction, grad_norm, applied)
-        run.step += 1
-        if run.step % tc.log_every == 0 or run.step == tc.steps or run.step == 1:
-            logger.write(run.step, run.skipped_total, run.device)
-        if run.step % tc.ckpt_every == 0 or run.step == tc.steps:
-            write_checkpoint(run, time.time() - t_start)
+    try:
+        with StopSignals() as stop:
+            run_steps(run, logger, stop, t_start)
+    except BaseException:
+        logger.close()
+        raise
     return finish(run, logger, time.time() - t_start)
 
 
