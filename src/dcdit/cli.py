@@ -23,14 +23,14 @@ MNIST_DIGITS = list(range(10))
 def cmd_presets(args) -> int:
     from .config import MODEL_PRESETS, PAPER_PARAMS_M, build_model, count_parameters
 
-    print(f"{'preset':<15} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
+    print(f"{'preset':<21} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
     for name, cfg in MODEL_PRESETS.items():
         with torch.device("meta"):
             n = count_parameters(build_model(cfg)) / 1e6
         paper = PAPER_PARAMS_M.get(name)
         diff = f"{100 * (n - paper) / paper:+.1f}%" if paper else ""
         tokens = f"P={cfg.patch_size}" if cfg.arch == "dit" else f"N={cfg.target_ratio:g}"
-        print(f"{name:<15} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
+        print(f"{name:<21} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
               f"{n:>11.1f} {paper if paper else '':>10} {diff:>7}")
     print("\nParameters include DiT's fixed pos_embed (as the DiT release counts them). DC-DiT counts are at a "
           "32x32 latent grid (256 px); paper figures: DiT (Peebles & Xie 2023), DC-DiT (arXiv 2603.06351 §4.1).")
