@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_baselines)
 
-    from .evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args, evaluate_main,
-                             router_analysis_main, train_classifier_main)
+    from .cli_evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args,
+                                 evaluate_main, router_analysis_main, train_classifier_main)
 
     p = sub.add_parser("evaluate", help="FID / IS / precision-recall (local TorchScript Inception) and MNIST metrics of samples",
                        description="Score a PNG folder or an ADM .npz: FID, Inception Score and precision/recall with a "
