@@ -84,6 +84,19 @@ def cmd_upcycle(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ convert-release
+def cmd_convert_release(args) -> int:
+    from .release import convert_release_checkpoint
+    from .release.checkpoint import RELEASE_VAE
+
+    report = convert_release_checkpoint(args.ckpt, args.out, weights=args.weights)
+    print(report.summary())
+    print(f"wrote {report.out} (step {report.step}, {report.weights} weights as ema.safetensors, the release's "
+          f"'model' weights as model.safetensors); sample it with: dcdit sample --ckpt {report.out} --vae {RELEASE_VAE} "
+          "(the release's default decoder; a local copy or sd-vae-ft-mse work too)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
@@ -316,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_baselines)
 
-    from .evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args, evaluate_main,
-                             router_analysis_main, train_classifier_main)
+    from .cli_evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args,
+                                 evaluate_main, router_analysis_main, train_classifier_main)
 
     p = sub.add_parser("evaluate", help="FID / IS / precision-recall (local TorchScript Inception) and MNIST metrics of samples",
                        description="Score a PNG folder or an ADM .npz: FID, Inception Score and precision/recall with a "
@@ -331,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze-router", help="foreground vs background token retention across timesteps; compression vs timestep")
     add_router_analysis_args(p)
     p.set_defaults(func=router_analysis_main)
+
+    p = sub.add_parser("convert-release", help="convert a checkpoint of the authors' release into a dcdit run folder",
+                       description="Read a checkpoint written by the train.py of AMD-AGI/DynamicChunkingDiT (top-level "
+                                   "model / ema / opt / config; loaded with torch.load(weights_only=True) and stand-ins for "
+                                   "its config classes, never fully unpickled; CUDA-tagged tensors load on a CPU) and write a "
+                                   "dcdit run folder whose model computes what the release computes (docs/release.md). "
+                                   "Prints the key mapping; unknown or missing keys are errors.")
+    p.add_argument("ckpt", help="the release checkpoint, e.g. results/000-DC-DiT/checkpoints/0400000.pt")
+    p.add_argument("--out", required=True, help="the run folder to write (must not hold checkpoints yet)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="which weights `dcdit sample` uses (ema.safetensors): ema, as the release's sampler (default), or model")
+    p.set_defaults(func=cmd_convert_release)
 
     p = sub.add_parser("presets", help="print the model presets and their parameter counts",
                        description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "

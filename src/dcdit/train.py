@@ -45,7 +45,7 @@ from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_
 from .models.embedders import LabelEmbedder
 from .models.interface import predict, routes_tokens
 from .preemption import StopSignals, TrainingInterrupted
-from .ratio_loss import ratio_loss
+from .ratio_loss import curriculum_target_ratio, ratio_loss
 from .train_log import TrainLogger
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
@@ -414,8 +414,9 @@ def model_terms(run: TrainingRun, batch: MicroBatch, fraction: float) -> tuple[d
 
 
 def loss_terms(run: TrainingRun, batch: MicroBatch, fraction: float) -> dict:
-    """One micro-batch's loss = diffusion (or distillation) + λ·ratio (DC-DiT, paper §3.3) + the DyDiT
-    FLOPs term (paper §4.5, docs/dydit.md). Returns ``loss`` (0-d tensor) and its parts."""
+    """One micro-batch's loss = diffusion (or distillation) + λ·ratio (DC-DiT, paper §3.3; N follows the
+    release's curriculum when set, docs/release.md) + the DyDiT FLOPs term (paper §4.5, docs/dydit.md).
+    Returns ``loss`` (0-d tensor) and its parts."""
     tc, model_cfg = run.cfg.train, run.cfg.model
     terms, d_loss = model_terms(run, batch, fraction)
     diff_loss = terms["loss"].mean()
@@ -423,7 +424,8 @@ def loss_terms(run: TrainingRun, batch: MicroBatch, fraction: float) -> dict:
            "vb": terms["vb"].detach().mean() if "vb" in terms else None, "record": terms.get("aux")}
     loss, record = diff_loss, terms.get("aux")
     if record is not None:
-        r_loss = ratio_loss(record, model_cfg.target_ratio, tc.ratio_batch_size)
+        target_n = curriculum_target_ratio(run.step, model_cfg.target_ratio, tc.target_ratio_start, tc.target_ratio_warmup_steps)
+        r_loss = ratio_loss(record, target_n, tc.ratio_batch_size)
         loss, out["ratio"] = loss + tc.ratio_loss_weight * r_loss, r_loss.detach()
         if record.dydit is not None:  # DyDiT: inner-block FLOPs toward the target λ
             f_loss = dydit_flops_loss(record, model_cfg, flops_target(run.step, tc.dydit_warmup_steps, tc.dydit_target))
