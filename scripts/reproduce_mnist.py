@@ -105,6 +105,8 @@ def train(out: Path, name: str, config: str, overrides: list[str], steps: int) -
         shutil.copy(out / "dcdit_s0" / "log.csv", run_dir / "log.csv")
     if (run_dir / "checkpoints" / "latest").exists():
         cmd.append("--resume")
+        if name.startswith("multibudget"):  # the branch changes train.multi_budget on purpose
+            cmd.append("--allow-changed")
     print("$", " ".join(cmd), flush=True)
     with open(out / f"{name}.log", "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)

@@ -109,7 +109,7 @@ def test_eta_reaches_the_ddim_step(tmp_path, capsys):
                    cfg_scale=4.0, seed=0, clip_denoised=True).samples
     assert np.abs(to_uint8_images(ref).astype(int) - arrays["1"].astype(int)).max() <= 1
     assert not np.array_equal(arrays["0"], arrays["1"])
-    for bad in (["--eta", "1"], ["--sampler", "ddim", "--eta", "-0.5"]):
+    for bad in (["--sampler", "ddpm", "--eta", "1"], ["--sampler", "ddim", "--eta", "-0.5"]):
         assert main(["sample", "--ckpt", str(DEMO_CHECKPOINT), "--out", str(tmp_path / "x"), "--steps", "2",
                      "--no-progress", *bad]) == 2
         assert "eta is DDIM's noise scale" in capsys.readouterr().err
@@ -223,3 +223,15 @@ def test_missing_and_mismatched_checkpoints(tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "broken.safetensors"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "missing keys [router.q_proj.weight]" in err and "blocks.0.attn.qkv.weight" in err and "(3, 3)" in err
+
+
+def test_sample_flags_override_the_run_configs_sample_section(tmp_path):
+    """Flags not given keep the checkpoint's `sample:` section (the shipped model's says ddim, cfg 2);
+    --lite-cfg without a fraction means 0.9 for the unconditional half."""
+    out = tmp_path / "s"
+    assert main(["sample", "--ckpt", str(DEMO_CHECKPOINT), "--out", str(out), "--steps", "2", "--classes", "4",
+                 "--per-class", "1", "--lite-cfg", "--tail-dropping-fraction", "0.1", "--no-progress"]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["sampler"], s["cfg_scale"], s["num_sampling_steps"], s["eta"]) == ("ddim", 2.0, 2, 0.0)
+    assert (s["lite_cfg"], s["tail_dropping_fraction"], s["uncond_tail_dropping_fraction"]) == (True, 0.1, 0.9)
+    assert s["weights"] == "ema" and s["seed"] == 0

@@ -182,3 +182,29 @@ def test_label_embed_std_sets_the_class_table_init(helpers, arch, std):
             assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="label_embed_std must be > 0"):
         helpers.make_model(tiny, label_embed_std=0.0)
+
+
+def test_the_two_model_configs_share_their_common_fields():
+    """DiT and DC-DiT extend one base: a field added there reaches both (and a baseline DiT derived
+    from a DC-DiT copies it, see dcdit.baselines); only arch, patch_size and DC-DiT's own fields differ."""
+    from dcdit.config import ModelConfigBase
+
+    base = {f.name for f in dataclasses.fields(ModelConfigBase)}
+    dit, dc = {f.name for f in dataclasses.fields(DiTConfig)}, {f.name for f in dataclasses.fields(DCDiTConfig)}
+    assert base <= dit and base <= dc and dit - base == {"patch_size"}
+    assert (DiTConfig().arch, DCDiTConfig().arch) == ("dit", "dcdit")
+    assert (DCDiTConfig().hidden_size, DCDiTConfig().depth, DCDiTConfig().num_heads) == (768, 12, 12)  # DC-DiT-B
+    assert (DiTConfig().hidden_size, DiTConfig().depth, DiTConfig().num_heads) == (1152, 28, 16)  # DiT-XL
+
+
+def test_baseline_dit_copies_every_shared_field():
+    from dcdit.baselines import isoparam_dit
+    from dcdit.config import ModelConfigBase
+
+    dc = model_config_from_dict({"preset": "DC-DiT-B/N4", "noise_schedule": "cosine", "label_embed_std": 1.0,
+                                 "timestep_freq_shift": 1.0, "class_dropout_prob": 0.2, "input_size": [16, 24]})
+    dit = isoparam_dit(dc)
+    for f in dataclasses.fields(ModelConfigBase):
+        if f.name not in ("arch", "depth"):
+            assert getattr(dit, f.name) == getattr(dc, f.name), f.name
+    assert dit.patch_size == 2

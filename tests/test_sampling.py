@@ -251,20 +251,113 @@ def test_cfg_near_one_matches_conditional_sampling(arch, dcdit_model, dit_model)
     assert not torch.allclose(strong.samples, plain.samples, atol=1e-3)
 
 
-def test_dit_guidance_channels_passed(dit_model):
-    calls = []
-    orig = dit_model.forward_with_cfg
+def test_guidance_channels_reach_the_guided_call(helpers, monkeypatch):
+    """generate(guidance_channels=k) reaches the guidance of every step, and it matters: on a
+    2-channel DiT guiding channel 0 only gives other samples than guiding both."""
+    import dcdit.sampling as S
 
-    def spy(x, t, y, cfg_scale, guidance_channels=None):
-        calls.append((cfg_scale, guidance_channels))
-        return orig(x, t, y, cfg_scale, guidance_channels)
+    dit = helpers.randomize_(helpers.make_model(helpers.TINY_DIT, in_channels=2)).eval()
+    seen, real = [], S.predict_guided
+    monkeypatch.setattr(S, "predict_guided", lambda *a, **k: seen.append(k["guidance_channels"]) or real(*a, **k))
+    one = generate(dit, [1], num_sampling_steps=2, cfg_scale=3.0, guidance_channels=1).samples
+    assert seen == [1, 1]
+    both = generate(dit, [1], num_sampling_steps=2, cfg_scale=3.0).samples
+    assert not torch.allclose(one, both)
 
-    dit_model.forward_with_cfg = spy
-    try:
-        generate(dit_model, [1], num_sampling_steps=2, cfg_scale=3.0, guidance_channels=1)
-    finally:
-        del dit_model.forward_with_cfg
-    assert calls == [(3.0, 1), (3.0, 1)]
+
+# --------------------------------------------------- the loop's parts, each alone
+
+
+def test_model_function_is_the_model_call_in_fp32(dcdit_model, dit_model, helpers):
+    """Unguided: predict(model, x, t, labels); guided: predict_guided with [labels; null]."""
+    from dcdit.models.guidance import cfg_labels
+    from dcdit.models.interface import predict, predict_guided
+    from dcdit.sampling import model_function
+
+    x, t, y = helpers.tiny_inputs(3)
+    with torch.no_grad():
+        for model in (dcdit_model, dit_model):
+            out, rec = model_function(model, y)(x, t)
+            ref, ref_rec = predict(model, x, t, y)
+            assert out.dtype == torch.float32 and torch.equal(out, ref) and (rec is None) == (ref_rec is None)
+        fn = model_function(dcdit_model, y, cfg_scale=2.0, uncond_tail_dropping_fraction=0.5)
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        out, rec = fn(x2, t2)
+        ref, ref_rec = predict_guided(dcdit_model, x2, t2, cfg_labels(y, 10), 2.0, uncond_tail_dropping_fraction=0.5)
+    assert torch.equal(out, ref) and torch.equal(rec.kept_mask, ref_rec.kept_mask)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_sampler_step_is_one_step_of_the_chosen_sampler(sampler, eta):
+    """sampler_step = the diffusion's p_sample / ddim_sample with the same noise, clip and eta
+    (each sampler is checked against diffusers in tests/diffusion); DDIM with eta 1 differs from eta 0."""
+    from dcdit.diffusion import create_diffusion
+    from dcdit.sampling import sampler_step
+
+    diffusion = create_diffusion("ddim10" if sampler == "ddim" else "10", learn_sigma=False)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    t = torch.full((2,), 5)
+
+    def model_fn(x, t):
+        return 3 * x, None  # an ε far from the truth: clipping x̂0 to [-1, 1] bites
+
+    out = sampler_step(diffusion, sampler, clip_denoised=True, eta=eta)(model_fn, x, t, noise)
+    if sampler == "ddpm":
+        ref = diffusion.p_sample(model_fn, x, t, noise=noise, clip_denoised=True)
+    else:
+        ref = diffusion.ddim_sample(model_fn, x, t, noise=noise, clip_denoised=True, eta=eta)
+        other = diffusion.ddim_sample(model_fn, x, t, noise=noise, clip_denoised=True, eta=1.0 - eta)
+        assert not torch.allclose(out["sample"], other["sample"])
+    assert torch.equal(out["sample"], ref["sample"]) and float(out["pred_xstart"].abs().max()) <= 1.0
+
+
+def _record(kept_rows, natural_rows, grid=(2, 2)):
+    """A RoutingRecord from boolean rows (B, L) written by hand; p = 0.9 on natural boundaries, else 0.1."""
+    from dcdit.models.chunking import RoutingRecord
+
+    kept, natural = torch.tensor(kept_rows), torch.tensor(natural_rows)
+    M = int(kept.sum(1).max())
+    idx = torch.tensor([torch.nonzero(r).flatten().tolist() + [0] * (M - int(r.sum())) for r in kept])
+    return RoutingRecord(torch.where(natural, 0.9, 0.1), natural, kept, idx, kept.sum(1), grid)
+
+
+def test_trace_entry_counts_each_half():
+    """Hand-made [cond; uncond] record: cond keeps 3 and 1 of 4 tokens (naturally 3 and 2), uncond 1 and 2."""
+    from dcdit.sampling import trace_entry
+
+    T, F = True, False
+    rec = _record([[T, T, T, F], [T, F, F, F], [T, F, F, F], [F, T, T, F]],
+                  [[T, T, T, F], [T, T, F, F], [T, T, F, F], [F, T, T, F]])
+    e = trace_entry(4, 600, rec, batch=2, tokens=4, guided=True, fixed_tokens=None)
+    assert (e["t"], e["step"], e["tokens"]) == (600, 4, 4)
+    assert e["kept"].tolist() == [3, 1] and e["natural"].tolist() == [3, 2]
+    assert e["uncond_kept"].tolist() == [1, 2] and e["uncond_natural"].tolist() == [2, 2]
+    unguided = trace_entry(0, 999, rec, batch=4, tokens=4, guided=False, fixed_tokens=None)
+    assert unguided["kept"].tolist() == [3, 1, 1, 2] and "uncond_kept" not in unguided
+    dit = trace_entry(0, 999, None, batch=2, tokens=64, guided=True, fixed_tokens=16)  # fixed patches
+    assert dit["kept"].tolist() == dit["uncond_natural"].tolist() == [16, 16]
+
+
+def test_snapshot_maps_are_the_conditional_halfs_on_the_grid():
+    from dcdit.sampling import snapshot
+
+    T, F = True, False
+    rec = _record([[T, F, F, T], [F, T, F, F]], [[T, F, T, T], [F, T, F, F]])
+    x = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2)
+    snap = snapshot(3, 700, x, -x, rec, guided=True)
+    assert snap["x_t"].shape == (1, 1, 2, 2) and torch.equal(snap["x_t"], x[:1]) and torch.equal(snap["pred_xstart"], -x[:1])
+    assert snap["kept_mask"].tolist() == [[[T, F], [F, T]]] and snap["natural_mask"].tolist() == [[[T, F], [T, T]]]
+    assert snap["uncond_kept_mask"].tolist() == [[[F, T], [F, F]]]
+    torch.testing.assert_close(snap["p"], torch.tensor([[[0.9, 0.1], [0.9, 0.9]]]))
+
+
+def test_fixed_token_count(dit_model):
+    """A DiT/2 on an 8×8 grid processes 16 patches; a model without patches processes every position."""
+    from dcdit.sampling import fixed_token_count
+
+    assert fixed_token_count(dit_model) == 16
+    assert fixed_token_count(PointMassEps(torch.zeros(1, 4, 6))) == 24
 
 
 def test_invalid_inputs_raise(dcdit_model, dit_model):

@@ -22,10 +22,29 @@ TINY = [
 ]
 
 
-def run_cli(args, env_extra=None, check=True, nproc=None):
+# `dcdit ...` in a subprocess that SIGKILLs itself right after the optimizer has applied step {step}
+# (the training loop itself has no test hook; this patches its optimizer update from outside).
+KILLED_AFTER_STEP = """
+import os, signal, sys
+import dcdit.train as T
+real = T.optimizer_update
+def update_then_die(run, loss_ok):
+    out = real(run, loss_ok)
+    if run.step + 1 == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+T.optimizer_update = update_then_die
+from dcdit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(args, env_extra=None, check=True, nproc=None, kill_after_step=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dcdit.cli", *args]
+    elif kill_after_step is not None:
+        cmd = [sys.executable, "-c", KILLED_AFTER_STEP.format(step=kill_after_step), *args]
     else:
         cmd = [sys.executable, "-m", "dcdit.cli", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -89,8 +108,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL after step 5 (last checkpoint at 4); --resume must reproduce the uninterrupted run bit for bit."""
     args = ["train", "mnist", *TINY, "train.steps=6", "--no-progress"]
     run_cli([*args, "--out", str(tmp_path / "straight")])
-    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env_extra={"DCDIT_KILL_AT_STEP": "5"}, check=False)
-    assert killed.returncode != 0  # it really died
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], kill_after_step=5, check=False)
+    assert killed.returncode == -9  # it really died, by SIGKILL
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "0000004"
     run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
     steps = [int(r.split(",")[0]) for r in (tmp_path / "killed" / "log.csv").read_text().splitlines()[1:]]
@@ -243,29 +262,6 @@ def test_ema_warmup_follows_the_closed_form(tmp_path):
     assert raw1[k].abs().max() > 0
 
 
-def test_csv_log_keeps_columns_aligned_when_they_change(tmp_path):
-    from dcdit.train import CSVLog
-
-    log = CSVLog(tmp_path / "log.csv")
-    log.write({"step": 1, "loss": 0.5})
-    log.write({"step": 2, "loss": 0.4, "distill_loss": 0.1})
-    import csv
-
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert rows == [{"step": "1", "loss": "0.5", "distill_loss": ""}, {"step": "2", "loss": "0.4", "distill_loss": "0.1"}]
-
-
-def test_csv_log_resume_survives_a_malformed_row_and_keeps_earlier_rows(tmp_path):
-    """A row longer than the header (an older dcdit's log) must not make resume fail or lose rows."""
-    from dcdit.train import CSVLog
-
-    path = tmp_path / "log.csv"
-    path.write_text("step,loss\n1,0.5\n2,0.4,extra\n3,0.3\n4,0.2\n")
-    CSVLog(path, resume_step=3)
-    assert path.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4,extra", "3,0.3"]
-    assert not (tmp_path / "log.csv.tmp").exists()
-
-
 def test_label_dropout_is_applied_once_from_the_step_stream(tmp_path, monkeypatch):
     """The model sees the null class exactly where the step's stream drew a drop (p = 0.5), not a
     second random drop inside the training-mode model (which made the rate 1 − (1 − p)²)."""
@@ -320,3 +316,250 @@ def test_n_curriculum_reaches_the_ratio_loss(tmp_path, monkeypatch):
                                            "model.target_ratio=4.0"])
     train(cfg, tmp_path / "run", progress=False)
     assert seen == [2.0, 2.5, 3.0, 3.5, 4.0]
+
+
+# ------------------------------------------------------------------ the loop's parts, each alone
+
+
+def test_batch_split():
+    from dcdit.train import batch_split
+
+    assert batch_split(256, 8, None) == (32, 1) and batch_split(256, 8, 16) == (16, 2) and batch_split(8, 1, 4) == (4, 2)
+    with pytest.raises(ValueError, match="micro_batch_size dividing 128"):
+        batch_split(256, 2, 48)
+
+
+def test_optimizer_update_applies_finite_steps_and_skips_the_rest():
+    """Finite gradients: AdamW moves the weights and the EMA is decay·ema + (1 − decay)·new weights.
+    A NaN gradient (or a loss flagged non-finite): nothing moves, the Adam state stays empty."""
+    from dcdit.train import optimizer_update, setup_run
+
+    cfg = load_run_config("mnist", TINY + ["train.ema_decay=0.9", "train.ema_warmup=false", "train.grad_clip=0"])
+    run = setup_run(cfg, "/tmp/never-written", resume=False, device="cpu")
+    p = run.model.final_layer.linear.weight
+    before, ema_before = p.detach().clone(), run.ema.final_layer.linear.weight.detach().clone()
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    q0 = next(run.model.parameters())
+    q0.grad[0] = float("nan")
+    assert optimizer_update(run, torch.ones(()))[0] is False
+    assert torch.equal(p, before) and not run.optimizer.state and all(q.grad is None for q in run.model.parameters())
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    assert optimizer_update(run, torch.zeros(()))[0] is False  # the loss was not finite on some micro-batch
+    for q in run.model.parameters():
+        q.grad = torch.ones_like(q)
+    applied, norm = optimizer_update(run, torch.ones(()))
+    n = sum(q.numel() for q in run.model.parameters() if q.requires_grad)
+    assert applied and norm == pytest.approx(n ** 0.5, rel=1e-5)
+    torch.testing.assert_close(p.detach(), before - 1e-3, atol=1e-6, rtol=0)  # Adam's first step: lr · sign(grad)
+    torch.testing.assert_close(run.ema.final_layer.linear.weight, 0.9 * ema_before + 0.1 * p.detach())
+
+
+def test_loss_terms_add_the_weighted_ratio_loss():
+    """Same batch and seeds, ratio_loss_weight 0 vs 0.5: the totals differ by 0.5 × the ratio loss of
+    the step's routing record (recomputed here with dcdit.ratio_loss)."""
+    from dcdit.ratio_loss import ratio_loss
+    from dcdit.train import draw_step, load_micro_batch, loss_terms, setup_run
+
+    totals = {}
+    for w in (0.0, 0.5):
+        run = setup_run(load_run_config("mnist", TINY + [f"train.ratio_loss_weight={w}"]), "/tmp/never-written",
+                        resume=False, device="cpu")
+        batch = load_micro_batch(run, draw_step(run), 0)
+        torch.manual_seed(0)
+        terms = loss_terms(run, batch, 0.0)
+        totals[w] = terms
+    r = ratio_loss(totals[0.5]["record"], 4.0, 4)
+    assert float(r.detach()) > 0 and torch.equal(totals[0.0]["diffusion"], totals[0.5]["diffusion"])
+    torch.testing.assert_close(totals[0.5]["loss"] - totals[0.0]["loss"], 0.5 * r)
+    torch.testing.assert_close(totals[0.0]["loss"], totals[0.0]["diffusion"])
+
+
+# ------------------------------------------------------------------ guards (issue 18): divergence, signals, resume, labels
+
+
+def all_checkpoint_tensors(run_dir: Path) -> dict:
+    out = {}
+    for ckpt in sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir()):
+        for which in ("model", "ema"):
+            out.update({f"{ckpt.name}/{which}/{k}": v for k, v in weights(run_dir, int(ckpt.name), which).items()})
+    return out
+
+
+def test_divergence_stops_after_max_nonfinite_steps(tmp_path, capsys):
+    """lr = 1e30: step 1 is finite (the loss is taken before the update), every later step is not.
+    With max_nonfinite_steps=3 the run stops at step 4 with one line naming the key, and every
+    checkpoint on disk holds finite weights."""
+    from dcdit.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "mnist", *TINY, "train.lr=1e30", "train.max_nonfinite_steps=3", "train.steps=50",
+                 "train.ckpt_every=1", "train.keep_last=10", "--out", str(run), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "training diverged: steps 2-4" in err[0] and "train.max_nonfinite_steps=3" in err[0] and "train.lr" in err[0]
+    tensors = all_checkpoint_tensors(run)
+    assert {k.split("/")[0] for k in tensors} == {"0000001", "0000002", "0000003"}  # nothing after the stop
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_only_consecutive_nonfinite_steps_count(tmp_path, monkeypatch):
+    """NaN losses at steps 2 and 4 with max_nonfinite_steps=2: the streak restarts, the run finishes.
+    At steps 2 and 3 it stops (a counter of all skipped steps would stop in both cases)."""
+    import dcdit.train as T
+
+    real = T.ratio_loss
+
+    def nan_at(steps):
+        calls = {"n": 0}
+
+        def ratio(record, *a, **k):
+            calls["n"] += 1  # one micro-batch per step here
+            out = real(record, *a, **k)
+            return out * float("nan") if calls["n"] in steps else out
+        return ratio
+
+    monkeypatch.setattr(T, "ratio_loss", nan_at({2, 4}))
+    summary = train(load_run_config("mnist", TINY + ["train.steps=5", "train.max_nonfinite_steps=2"]), tmp_path / "a",
+                    progress=False)
+    assert summary["step"] == 5 and summary["skipped_steps"] == 2
+    monkeypatch.setattr(T, "ratio_loss", nan_at({2, 3}))
+    with pytest.raises(T.TrainingDiverged, match="steps 2-3"):
+        train(load_run_config("mnist", TINY + ["train.steps=5", "train.max_nonfinite_steps=2"]), tmp_path / "b",
+              progress=False)
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """A finite loss and gradient can still leave NaN weights (train.lr=inf does): the checkpoint of
+    that step is refused, the one before stays the newest, and no temporary folder is left."""
+    import dcdit.train as T
+
+    real = T.optimizer_update
+
+    def poison_step_two(run, loss_ok):
+        out = real(run, loss_ok)
+        if run.step == 1:  # the update of step 2
+            with torch.no_grad():
+                run.model.final_layer.linear.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(T, "optimizer_update", poison_step_two)
+    cfg = load_run_config("mnist", TINY + ["train.steps=4", "train.ckpt_every=1"])
+    with pytest.raises(T.TrainingDiverged, match=r"step 2: the weights hold non-finite values \(final_layer.linear.weight"):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0000001", "latest"]
+    assert all(torch.isfinite(v).all() for v in all_checkpoint_tensors(tmp_path / "run").values())
+
+
+def wait_for_log_row(run_dir: Path, proc, min_step: int = 2, timeout: float = 300) -> None:
+    import time
+
+    log, t0 = run_dir / "log.csv", time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it was signalled:\n{proc.stderr.read()[-3000:]}")
+        if log.exists() and any(r.split(",")[0].isdigit() and int(r.split(",")[0]) >= min_step
+                                for r in log.read_text().splitlines()[1:]):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no log row in time")
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
+    """A real `dcdit train` receives SIGTERM mid-run: it finishes the step, writes a checkpoint at
+    that step (no ckpt_every step is near), exits 143 with the resume command; resumed to two steps
+    further it equals, bit for bit, a run that was never interrupted."""
+    import signal
+
+    args = ["train", "mnist", *TINY, "train.log_every=1", "train.ckpt_every=100000", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dcdit.cli", *args, "train.steps=100000", "--out", str(tmp_path / "a")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log_row(tmp_path / "a", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    k = int((tmp_path / "a" / "checkpoints" / "latest").read_text())
+    assert k >= 2 and f"stopped by SIGTERM after step {k}" in err and f"--out {tmp_path / 'a'} --resume" in err
+    run_cli([*args, f"train.steps={k + 2}", "--out", str(tmp_path / "a"), "--resume"])
+    run_cli([*args, f"train.steps={k + 2}", "--out", str(tmp_path / "b")])
+    for which in ("model", "ema"):
+        a, b = weights(tmp_path / "a", k + 2, which), weights(tmp_path / "b", k + 2, which)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), which
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun with 2 gloo ranks; SIGTERM goes to rank 1 only. Rank 0 never sees it, yet writes the
+    checkpoint of the step at which both stop (reduced stop flag), and both processes exit."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dcdit.cli", "train",
+           "mnist", *TINY, "train.log_every=1", "train.ckpt_every=100000", "train.steps=100000", "--out", str(tmp_path / "r"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log_row(tmp_path / "r", proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        rank1 = [int(c) for c in children if b"RANK=1" in Path(f"/proc/{c}/environ").read_bytes().split(b"\0")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    k = int((tmp_path / "r" / "checkpoints" / "latest").read_text())
+    assert 2 <= k < 100000 and f"stopped by SIGTERM after step {k}" in err
+    rows = [r.split(",")[0] for r in (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]]
+    assert rows[-1] == str(k)  # rank 0 stopped after that step, too
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(tmp_path, capsys):
+    from dcdit.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "mnist", *TINY, "--out", str(run), "--no-progress"]
+    assert main([*base, "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*base, "train.steps=4", "train.seed=1", "train.micro_batch_size=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed: 0 in the run, 1 now" in err and "train.micro_batch_size: None in the run, 4 now" in err
+    assert "batch layout: 1 process(es) × micro-batch 8 in the run, 1 × 4 now" in err and "--allow-changed" in err
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000002"  # nothing trained
+    assert main([*base, "train.steps=3", "train.log_every=5", "train.ckpt_every=7", "--resume"]) == 0  # free settings
+    capsys.readouterr()
+    assert main([*base, "train.steps=4", "train.lr=5e-4", "--resume", "--allow-changed"]) == 0
+    out = capsys.readouterr().out
+    assert "changed settings" in out and "train.lr: 0.001 in the run, 0.0005 now" in out
+    assert (run / "checkpoints" / "latest").read_text().strip() == "0000004"
+
+
+@pytest.mark.parametrize("num_classes", [5, 9])
+def test_num_classes_below_the_datas_labels_is_refused_before_training(tmp_path, num_classes):
+    """MNIST labels are 0..9: num_classes=9 would make digit 9 the null class, 5 would index past the table."""
+    cfg = load_run_config("mnist", TINY + [f"model.num_classes={num_classes}"])
+    with pytest.raises(ValueError, match=rf"labels 0\.\.9 but model.num_classes={num_classes}.*set model.num_classes=10"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_stop_signals_set_a_flag_and_a_second_signal_acts_at_once():
+    import signal
+    import threading
+
+    from dcdit.preemption import StopSignals
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and stop.agreed("cpu") == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -210,3 +210,26 @@ def test_upcycle_command_reports_and_writes(tmp_path, capsys):
     assert "0 missing, 0 unexpected" in text and "frozen" in text and out.exists()
     assert main(["upcycle", "mnist", "--dit", str(tmp_path / "dit.pt"), "--num-heads", "2"]) == 2  # mnist width is 96
     assert "hidden_size" in capsys.readouterr().err
+
+
+def test_upcycling_returns_a_new_config_and_leaves_the_callers_alone(tmp_path):
+    """build_or_upcycle / upcycle_run_config hand back the upcycled model config (condition adaptor,
+    DiT patch positions, the DiT's timestep convention) and never write it into the config passed in."""
+    import copy
+
+    from dcdit.train import build_or_upcycle
+    from dcdit.upcycle import upcycle_run_config
+
+    dit = random_dit(input_size=32, in_channels=1, hidden_size=32, depth=1, num_heads=2)
+    torch.save(dit.state_dict(), tmp_path / "dit.pt")
+    cfg = load_run_config("mnist", ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.encoder_width=16",
+                                    f"train.upcycle.from_dit={tmp_path / 'dit.pt'}", "train.upcycle.num_heads=2"])
+    before = copy.deepcopy(cfg)
+    for fresh in (True, False):
+        model, teacher, model_cfg = build_or_upcycle(cfg, fresh=fresh)
+        assert model_cfg.cond_adaptor and model_cfg.pos_scale == 0.5 and model_cfg.pos_offset == 0.5
+        assert isinstance(model.encoder.cond_norm, nn.LayerNorm)  # the model is built from the returned config
+        assert teacher is not None and not teacher.training
+    run = upcycle_run_config(cfg, tmp_path / "dit.pt", num_heads=2)
+    assert run.cfg.model.cond_adaptor and run.cfg.train.upcycle.from_dit == str(tmp_path / "dit.pt")
+    assert cfg == before  # nothing written into the caller's config

@@ -15,20 +15,17 @@ from pathlib import Path
 
 import torch
 
-from .config import DCDiTConfig, DiTConfig, RunConfig, build_model, count_parameters, save_run_config
+from .config import DCDiTConfig, DiTConfig, ModelConfigBase, RunConfig, build_model, count_parameters, save_run_config
 from .flops import dit_depth_for_flops, dit_macs, model_macs, sampling_flops
 
 
 def _dit_like(dc: DCDiTConfig, depth: int) -> DiTConfig:
+    """A DiT with every field the two configs share taken from ``dc``, patch √N and ``depth`` blocks."""
     patch = round(math.sqrt(dc.target_ratio))
     if patch * patch != round(dc.target_ratio):
         raise ValueError(f"target_ratio {dc.target_ratio} is not a square: no fixed patch size matches it")
-    return DiTConfig(
-        input_size=dc.input_size, patch_size=patch, in_channels=dc.in_channels, hidden_size=dc.hidden_size,
-        depth=depth, num_heads=dc.num_heads, mlp_ratio=dc.mlp_ratio, class_dropout_prob=dc.class_dropout_prob,
-        num_classes=dc.num_classes, learn_sigma=dc.learn_sigma, timestep_freq_shift=dc.timestep_freq_shift, noise_schedule=dc.noise_schedule,
-        label_embed_std=dc.label_embed_std,
-    )
+    shared = {f.name: getattr(dc, f.name) for f in dataclasses.fields(ModelConfigBase) if f.name != "arch"}
+    return DiTConfig(**{**shared, "depth": depth, "patch_size": patch})
 
 
 def params_of(cfg) -> int:

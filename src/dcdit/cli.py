@@ -10,30 +10,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "mnist_dcdit.safetensors"
-MNIST_DIGITS = list(range(10))
+from . import DEMO_CHECKPOINT
+
+__all__ = ["main", "build_parser", "DEMO_CHECKPOINT"]  # DEMO_CHECKPOINT: the shipped demo model's path
 
 
 # ------------------------------------------------------------------------------------------ presets
 def cmd_presets(args) -> int:
-    from .config import MODEL_PRESETS, PAPER_PARAMS_M, build_model, count_parameters
+    from .config import presets_table
 
-    print(f"{'preset':<21} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
-    for name, cfg in MODEL_PRESETS.items():
-        with torch.device("meta"):
-            n = count_parameters(build_model(cfg)) / 1e6
-        paper = PAPER_PARAMS_M.get(name)
-        diff = f"{100 * (n - paper) / paper:+.1f}%" if paper else ""
-        tokens = f"P={cfg.patch_size}" if cfg.arch == "dit" else f"N={cfg.target_ratio:g}"
-        print(f"{name:<21} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
-              f"{n:>11.1f} {paper if paper else '':>10} {diff:>7}")
-    print("\nParameters include DiT's fixed pos_embed (as the DiT release counts them). DC-DiT counts are at a "
-          "32x32 latent grid (256 px); paper figures: DiT (Peebles & Xie 2023), DC-DiT (arXiv 2603.06351 §4.1).")
+    print(presets_table())
     return 0
 
 
@@ -78,23 +68,17 @@ def cmd_baselines(args) -> int:
 # ------------------------------------------------------------------------------------------ upcycle
 def cmd_upcycle(args) -> int:
     """Build the upcycled DC-DiT, report what was mapped, write it as a dcdit checkpoint file."""
-    import dataclasses
-
     from .checkpoint import save_weights
     from .config import load_run_config
-    from .upcycle import freeze_embedders, load_pretrained_dit, upcycle
+    from .upcycle import upcycle_run_config
 
-    cfg = load_run_config(args.config, args.overrides)
-    dit, report = load_pretrained_dit(args.dit, num_heads=args.num_heads)
-    print(report.summary())
-    model, cfg.model = upcycle(dit, cfg.model)
-    cfg.train = dataclasses.replace(cfg.train, upcycle=dataclasses.replace(cfg.train.upcycle, from_dit=str(args.dit)))
-    frozen = freeze_embedders(model)
-    copied = sum(k.startswith("blocks.") for k in model.state_dict())
-    print(f"copied {copied} block tensors and {len(frozen)} embedder tensors (frozen while training); "
-          f"condition adaptor on; positions: token (r, c) at ((r - {cfg.model.pos_offset:g}) * {cfg.model.pos_scale:g}, ...)")
+    run = upcycle_run_config(load_run_config(args.config, args.overrides), args.dit, num_heads=args.num_heads)
+    m = run.cfg.model
+    print(run.report.summary())
+    print(f"copied {run.copied_block_tensors} block tensors and {len(run.frozen)} embedder tensors (frozen while training); "
+          f"condition adaptor on; positions: token (r, c) at ((r - {m.pos_offset:g}) * {m.pos_scale:g}, ...)")
     if args.out:
-        save_weights(Path(args.out), model.state_dict(), cfg, step=0)
+        save_weights(Path(args.out), run.model.state_dict(), run.cfg, step=0)
         print(f"wrote {args.out}")
     print(f"train it with: dcdit train {args.config} train.upcycle.from_dit={args.dit} train.upcycle.distill_steps=5000")
     return 0
@@ -116,148 +100,56 @@ def cmd_convert_release(args) -> int:
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .config import load_run_config
+    from .preemption import TrainingInterrupted
     from .train import train
 
     cfg = load_run_config(args.config, args.overrides)
     out = args.out or os.path.join("runs", Path(args.config).stem)
-    summary = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        summary = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+                        allow_changed=args.allow_changed)
+    except TrainingInterrupted as e:  # pre-empted: the checkpoint is written, say how to go on
+        if main_rank:
+            words = " ".join(["dcdit train", args.config, *args.overrides, "--out", str(out), "--resume"])
+            launcher = " (under the same torchrun / accelerate launch)" if "WORLD_SIZE" in os.environ else ""
+            print(f"dcdit train: stopped by {e.signal_name} after step {e.step}, checkpoint {e.checkpoint} written; "
+                  f"resume with: {words}{launcher}", file=sys.stderr)
+        return 128 + e.signum
+    if main_rank:
         print(json.dumps(summary, indent=2))
     return 0
 
 
 # ------------------------------------------------------------------------------------------ sample
-def _load_for_sampling(args):
-    from .checkpoint import load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, step = load_model(args.ckpt, use_ema=not args.raw_weights, device=device)
-    return model, cfg, step, device
-
-
-def _decoder_for(cfg, vae_arg: str | None, device):
-    """A function mapping model-space samples to images in [-1, 1]: identity for pixel data,
-    the VAE decoder for latents (its id and scale must match the ones the data was made with)."""
-    if cfg.data.name != "latents":
-        return lambda x: x
-    vae_id = vae_arg or cfg.data.vae
-    if not vae_id:
-        raise ValueError("this model was trained on latents: pass --vae (the AutoencoderKL path or hub id used by extract-features)")
-    if cfg.data.vae and vae_arg and vae_arg != cfg.data.vae:
-        raise ValueError(f"--vae {vae_arg!r} differs from the VAE the training latents were made with ({cfg.data.vae!r})")
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval()
-    scale = cfg.data.latent_scale or 0.18215
-
-    @torch.no_grad()
-    def decode(z):
-        return vae.decode(z.to(device) / scale).sample.clamp(-1, 1).cpu()
-
-    return decode
-
-
-def _labels(args, num_classes: int) -> torch.Tensor:
-    classes = args.classes if args.classes else list(range(min(num_classes, 10)))
-    return torch.tensor([c for c in classes for _ in range(args.per_class)], dtype=torch.long)
-
-
-def _generate(model, labels, args, cfg, device, **kwargs):
-    """``dcdit.sampling.generate`` with the sampling flags of ``sample`` / ``sample-ddp`` / ``demo``;
-    pixel-space models clip x0 to [-1, 1], latent models do not."""
-    from .sampling import generate
-
-    return generate(
-        model, labels, sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
-        guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
-        uncond_tail_dropping_fraction=args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-        device=device, clip_denoised=cfg.data.name != "latents", **kwargs,
-    )
-
-
-def _sampling_settings(args, cfg, step) -> dict:
-    return {
-        "ckpt": str(args.ckpt), "ckpt_step": step, "weights": "raw" if args.raw_weights else "ema",
-        "sampler": args.sampler, "num_sampling_steps": args.steps, "eta": args.eta, "cfg_scale": args.cfg_scale,
-        "guidance_channels": args.guidance_channels, "tail_dropping_fraction": args.tail_dropping_fraction,
-        "lite_cfg": args.lite_cfg,
-        "uncond_tail_dropping_fraction": args.uncond_tail_dropping_fraction if args.lite_cfg else None,
-        "seed": args.seed, "clip_denoised": cfg.data.name != "latents", "model": cfg.model.__dict__, "data": cfg.data.__dict__,
-    }
-
-
-def sample_to_folder(args) -> dict:
-    """Generate, decode and write the grid, chunking visualisation, compression plot and settings."""
-    from .flops import sampling_flops
-    from .sampling import save_settings_json
-    from .viz import plot_chunking, plot_compression_vs_timestep, save_image_grid
-
-    model, cfg, step, device = _load_for_sampling(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = _labels(args, model.num_classes)
-    t0 = time.time()
-    result = _generate(model, labels, args, cfg, device, seed=args.seed, progress=not args.no_progress)
-    seconds = time.time() - t0
-    decode = _decoder_for(cfg, args.vae, device)
-    images = decode(result.samples)
-    files = {"grid": str(save_image_grid(images, out / "samples.png", nrow=args.per_class if args.per_class > 1 else 10))}
-    if result.snapshots:
-        files["chunking_viz"] = str(plot_chunking(result, out / "chunking_viz.png", decode=decode if cfg.data.name == "latents" else None))
-        files["compression_plot"] = str(plot_compression_vs_timestep(result, out / "compression_vs_timestep.png"))
-    settings = _sampling_settings(args, cfg, step)
-    settings.update({"labels": labels.tolist(), "device": str(device), "seconds": seconds, "files": files})
-    flops = sampling_flops(cfg.model, result.trace)
-    settings["flops"] = {k: flops[k] for k in ("mean_macs_per_forward", "macs_per_image", "tflops_per_image", "forward_passes_per_image")}
-    if result.trace and "kept" in result.trace[0]:
-        kept = torch.stack([torch.as_tensor(e["kept"]).float() for e in result.trace])  # (steps, B)
-        settings["mean_tokens_kept_per_step"] = float(kept.mean())
-        settings["mean_compression_ratio"] = float((result.trace[0]["tokens"] / kept).mean())
-    save_settings_json(out / "settings.json", settings)
-    return settings
+def _sampling_overrides(args) -> dict:
+    """The sampling flags as ``SampleConfig`` fields; a flag not given (None) keeps the config's value."""
+    uncond = None
+    if args.lite_cfg:
+        uncond = 0.9 if args.uncond_tail_dropping_fraction is None else args.uncond_tail_dropping_fraction
+    return dict(sampler=args.sampler, num_sampling_steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
+                guidance_channels=args.guidance_channels, tail_dropping_fraction=args.tail_dropping_fraction,
+                uncond_tail_dropping_fraction=uncond, seed=args.seed, use_ema=False if args.raw_weights else None)
 
 
 def cmd_sample(args) -> int:
-    settings = sample_to_folder(args)
+    from .pipelines import sample_to_folder
+
+    settings = sample_to_folder(args.ckpt, args.out, classes=args.classes, per_class=args.per_class, vae=args.vae,
+                                device=args.device, progress=not args.no_progress, **_sampling_overrides(args))
     print(json.dumps(settings["files"], indent=2))
     print(f"wrote {args.out} in {settings['seconds']:.1f} s")
     return 0
 
 
 def cmd_sample_ddp(args) -> int:
-    """Sharded generation for FID: every rank writes its PNGs; rank 0 packs the ADM .npz."""
-    import numpy as np
-    from PIL import Image
+    from .pipelines import sample_sharded
 
-    from . import distributed as D
-    from .sampling import save_settings_json, to_uint8_images, write_npz
-
-    info = D.setup(args.device)
-    args.device = str(info.device)
-    model, cfg, step, device = _load_for_sampling(args)
-    decode = _decoder_for(cfg, args.vae, device)
-    out = Path(args.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    n, per = args.num_samples, args.batch_size
-    label_gen = torch.Generator().manual_seed(args.seed)
-    all_labels = torch.randint(0, model.num_classes, (n,), generator=label_gen)  # class-balanced in expectation
-    my_batches = [range(s, min(s + per, n)) for s in range(info.rank * per, n, per * info.world_size)]
-    from tqdm.auto import tqdm
-
-    for idx in tqdm(my_batches, disable=not info.is_main or args.no_progress, desc="sample-ddp"):
-        result = _generate(model, all_labels[list(idx)], args, cfg, device, seed=args.seed * 1_000_003 + idx[0], num_snapshots=0)
-        for i, img in zip(idx, to_uint8_images(decode(result.samples))):
-            Image.fromarray(img).save(out / "images" / f"{i:06d}.png")
-    D.barrier()
-    if info.is_main:
-        arr = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB")) for i in range(n)])
-        write_npz(arr, out / "samples.npz", labels=all_labels.numpy())
-        settings = _sampling_settings(args, cfg, step)
-        settings.update({"num_samples": n, "world_size": info.world_size, "npz": str(out / "samples.npz"),
-                         "labels": all_labels.tolist()})
-        save_settings_json(out / "settings.json", settings)
-        print(f"wrote {n} samples to {out / 'images'} and {out / 'samples.npz'} (uint8 {arr.shape})")
-    D.teardown()
+    settings = sample_sharded(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size, vae=args.vae,
+                              device=args.device, progress=not args.no_progress, **_sampling_overrides(args))
+    if settings is not None:  # rank 0
+        print(f"wrote {settings['num_samples']} samples to {Path(args.out) / 'images'} and {settings['npz']} "
+              f"(uint8 {tuple(settings['shape'])})")
     return 0
 
 
@@ -280,31 +172,11 @@ def cmd_extract_features(args) -> int:
 
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
-    from .config import load_run_config
+    from .pipelines import demo
 
-    out = Path(args.out)
-    ckpt = DEMO_CHECKPOINT
-    demo = load_run_config("mnist", []).sample  # the sampler settings measured in docs/demo-checkpoint.md
-    if args.train:
-        from .train import train
-
-        overrides = [f"train.steps={args.steps}"] if args.steps else []
-        run_dir = out / "train"
-        if (run_dir / "checkpoints" / "latest").exists():
-            print(f"continuing the training run in {run_dir}")
-        train(load_run_config("mnist", overrides), run_dir, resume=(run_dir / "checkpoints" / "latest").exists(),
-              device=args.device, progress=not args.no_progress)
-        ckpt = run_dir
-    elif not ckpt.exists():
-        raise FileNotFoundError(f"the shipped demo checkpoint {ckpt} is missing; run `dcdit demo --train` to train one")
-    sample_args = argparse.Namespace(
-        ckpt=str(ckpt), out=str(out), classes=MNIST_DIGITS, per_class=args.per_class,
-        sampler=args.sampler or demo.sampler, steps=args.sampling_steps or demo.num_sampling_steps, eta=0.0,
-        cfg_scale=args.cfg_scale if args.cfg_scale is not None else demo.cfg_scale, guidance_channels=None, tail_dropping_fraction=0.0,
-        lite_cfg=False, uncond_tail_dropping_fraction=None, seed=args.seed, raw_weights=False, vae=None,
-        device=args.device, no_progress=args.no_progress,
-    )
-    settings = sample_to_folder(sample_args)
+    settings = demo(args.out, train=args.train, train_steps=args.steps, per_class=args.per_class, sampler=args.sampler,
+                    num_sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, seed=args.seed, device=args.device,
+                    progress=not args.no_progress)
     print(f"\nDC-DiT on MNIST: {len(settings['labels'])} samples of the digits 0-9 in {settings['seconds']:.0f} s")
     for k, v in settings["files"].items():
         print(f"  {k:<17} {v}")
@@ -315,21 +187,27 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
-def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int = 250) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags; each one not given keeps the value of the run config's ``sample:`` section
+    (saved in the checkpoint; a config without one gets DDPM 250 steps, CFG 1.5)."""
     p.add_argument("--ckpt", required=True, help="a run folder (latest checkpoint), a checkpoint folder, or a .safetensors file")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="DDPM (the paper's, default) or DDIM (see --eta)")
-    p.add_argument("--steps", type=int, default=steps_default, help=f"number of sampling steps (default {steps_default})")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="DDIM only: 0 = deterministic (default), 1 = fresh noise each step like DDPM; a cosine-schedule "
-                        "pixel model needs eta > 0 to wash out its first steps' clipped x0 (docs/demo-checkpoint.md)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = no guidance (default 1.5)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="DDPM (the paper's) or DDIM (see --eta); default: the run config's sample.sampler")
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: sample.num_sampling_steps)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM only: 0 = deterministic, 1 = fresh noise each step like DDPM (default: sample.eta); a cosine-"
+                        "schedule pixel model needs eta > 0 to wash out its first steps' clipped x0 (docs/demo-checkpoint.md)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale; 1 = no guidance (default: sample.cfg_scale)")
     p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide only the first k ε channels; 3 reproduces the DiT release (default: all channels)")
-    p.add_argument("--tail-dropping-fraction", type=float, default=0.0,
-                   help="drop this fraction of each sample's lowest-p boundary tokens (elastic inference; default 0)")
+                   help="guide only the first k ε channels; 3 reproduces the DiT release (default: sample.guidance_channels, all)")
+    p.add_argument("--tail-dropping-fraction", type=float, default=None,
+                   help="drop this fraction of each sample's lowest-p boundary tokens (elastic inference; "
+                        "default: sample.tail_dropping_fraction)")
     p.add_argument("--lite-cfg", action="store_true", help="Lite-CFG: give the unconditional half its own tail-drop fraction")
-    p.add_argument("--uncond-tail-dropping-fraction", type=float, default=0.9, help="with --lite-cfg: the uncond half's fraction (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--uncond-tail-dropping-fraction", type=float, default=None,
+                   help="with --lite-cfg: the uncond half's fraction (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help="default: sample.seed")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--vae", default=None, help="for latent models: AutoencoderKL path or hub id (default: the one recorded at training)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -337,6 +215,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int = 250) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's flags. A straight list of argparse declarations, one block per command in
+    the order of ``dcdit --help``, kept whole because it reads as the command's reference."""
     parser = argparse.ArgumentParser(prog="dcdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -361,11 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train DC-DiT or DiT. CONFIG is a YAML file or a packaged config name "
                                    "(mnist, DC-DiT-B-N4, DiT-XL-2, ...). Overrides: section.key=value words, e.g. "
                                    "train.steps=1000 train.global_batch_size=64 model.depth=4. Multi-GPU: "
-                                   "torchrun --nproc_per_node=8 -m dcdit.cli train CONFIG (or accelerate launch).")
+                                   "torchrun --nproc_per_node=8 -m dcdit.cli train CONFIG (or accelerate launch). "
+                                   "SIGTERM / SIGINT (pre-emption, Ctrl-C) finish the step, write a checkpoint and exit "
+                                   "with 128 + the signal number; the same command with --resume continues exactly. "
+                                   "train.max_nonfinite_steps non-finite steps in a row stop a diverging run.")
     p.add_argument("config", help="YAML config path or packaged config name")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: accept settings that differ from the run's (seed, batch sizes, lr, data, ...) "
+                        "and say which; without it they are refused, since the run would no longer continue exactly")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)

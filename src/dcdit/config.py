@@ -18,12 +18,12 @@ import yaml
 
 
 @dataclass
-class DiTConfig:
-    """The fixed-patch DiT baseline (arguments of :class:`dcdit.models.dit.DiT`)."""
+class ModelConfigBase:
+    """The fields every model has: the DiT backbone's constructor arguments (both :class:`DiTConfig`
+    and :class:`DCDiTConfig` extend it; the defaults are DiT-XL's)."""
 
-    arch: str = "dit"
+    arch: str = ""
     input_size: int | tuple[int, int] = 32
-    patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1152
     depth: int = 28
@@ -38,23 +38,23 @@ class DiTConfig:
 
 
 @dataclass
-class DCDiTConfig:
+class DiTConfig(ModelConfigBase):
+    """The fixed-patch DiT baseline (arguments of :class:`dcdit.models.dit.DiT`)."""
+
+    arch: str = "dit"
+    patch_size: int = 2
+
+
+@dataclass
+class DCDiTConfig(ModelConfigBase):
     """DC-DiT (arguments of :class:`dcdit.models.dcdit.DCDiT`); ``target_ratio`` is the N of the ratio
     loss (and the boundary rate of the random router)."""
 
     arch: str = "dcdit"
-    input_size: int | tuple[int, int] = 32
-    in_channels: int = 4
-    hidden_size: int = 768
+    hidden_size: int = 768  # the bare DC-DiT defaults to DC-DiT-B's sizes
     depth: int = 12
     num_heads: int = 12
-    mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    timestep_freq_shift: float = 0.0
-    noise_schedule: str = "linear"  # the diffusion it is trained and sampled with: linear (DiT) or cosine
-    label_embed_std: float = 0.02  # init std of the class-embedding table (DiT: 0.02); see configs/mnist.yaml
+    # ---- DC-DiT's own fields
     encoder_width: int | None = None
     encoder_blocks: int = 2
     decoder_blocks: int = 2
@@ -216,6 +216,25 @@ def model_config_to_dict(config: ModelConfig) -> dict:
     return d
 
 
+def presets_table() -> str:
+    """``dcdit presets``: every preset's width, depth, heads, patch size or N, and parameter count next to the paper's."""
+    import torch
+
+    lines = [f"{'preset':<21} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} "
+             f"{'paper (M)':>10} {'diff':>7}"]
+    for name, cfg in MODEL_PRESETS.items():
+        with torch.device("meta"):  # counts without allocating
+            n = count_parameters(build_model(cfg)) / 1e6
+        paper = PAPER_PARAMS_M.get(name)
+        diff = f"{100 * (n - paper) / paper:+.1f}%" if paper else ""
+        tokens = f"P={cfg.patch_size}" if cfg.arch == "dit" else f"N={cfg.target_ratio:g}"
+        lines.append(f"{name:<21} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
+                     f"{n:>11.1f} {paper if paper else '':>10} {diff:>7}")
+    lines.append("\nParameters include DiT's fixed pos_embed (as the DiT release counts them). DC-DiT counts are at a "
+                 "32x32 latent grid (256 px); paper figures: DiT (Peebles & Xie 2023), DC-DiT (arXiv 2603.06351 §4.1).")
+    return "\n".join(lines)
+
+
 def count_parameters(model: nn.Module) -> int:
     """All parameters, including DiT's frozen ``pos_embed`` (as the DiT release counts them)."""
     return sum(p.numel() for p in model.parameters())
@@ -285,19 +304,24 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 50_000
     keep_last: int = 2  # checkpoints kept besides the final one
+    max_nonfinite_steps: int = 8  # stop (TrainingDiverged) after this many consecutive skipped non-finite steps
     tensorboard: bool = True
     wandb: bool = False
 
 
 @dataclass
 class SampleConfig:
+    """How ``dcdit sample`` / ``sample-ddp`` sample a run (its flags override single fields) and what
+    ``dcdit demo`` uses (the ``sample:`` section of configs/mnist.yaml); see ``dcdit.pipelines``."""
+
     sampler: str = "ddpm"  # "ddpm" or "ddim"
     num_sampling_steps: int = 250
     cfg_scale: float = 1.5
     guidance_channels: int | None = None  # 3 reproduces the DiT release's first-3-channels guidance
     tail_dropping_fraction: float = 0.0
     uncond_tail_dropping_fraction: float | None = None  # Lite-CFG: the unconditional half's fraction
-    use_ema: bool = True
+    eta: float = 0.0  # DDIM's noise scale (0: deterministic)
+    use_ema: bool = True  # False: the raw weights of a run or checkpoint folder
     seed: int = 0
 
 

@@ -13,7 +13,7 @@ Conventions:
 
 * Classifier-free guidance is used exactly when ``cfg_scale != 1.0``: the batch is [cond; uncond]
   with the null label ``model.num_classes`` and both halves start from the same noise (DiT's
-  convention); the model's ``forward_with_cfg`` guides, and the first half is returned.
+  convention); ``dcdit.models.interface.predict_guided`` guides, and the first half is returned.
 * Lite-CFG: ``uncond_tail_dropping_fraction`` gives the unconditional half of a DC-DiT its own
   tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond).
 * Randomness: the initial noise and every step's noise come from one ``torch.Generator`` seeded
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import inspect
 import json
 import platform
 from dataclasses import dataclass, field
@@ -40,12 +39,22 @@ import torch
 import torch.nn as nn
 
 from .models.dydit import dydit_usage
+from .models.guidance import cfg_labels
+from .models.interface import predict, predict_guided, routes_tokens
 from .utils import jsonable, unwrap
 
 __all__ = [
     "SampleResult",
     "generate",
+    "check_labels",
+    "check_sampling_args",
+    "sampling_diffusion",
+    "model_function",
+    "sampler_step",
+    "trace_entry",
+    "snapshot",
     "snapshot_steps",
+    "fixed_token_count",
     "to_uint8_images",
     "write_npz",
     "save_settings_json",
@@ -88,19 +97,8 @@ class SampleResult:
         )
 
 
-def _is_dcdit(model: nn.Module) -> bool:
-    from .models.dcdit import DCDiT
-
-    inner = unwrap(model)
-    if isinstance(inner, DCDiT):
-        return True
-    try:
-        return "tail_dropping_fraction" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _check_labels(labels, num_classes: int) -> torch.Tensor:
+def check_labels(labels, num_classes: int) -> torch.Tensor:
+    """Class labels -> (B,) long on the CPU; refuses anything but a non-empty 1-D integer sequence in [0, num_classes)."""
     y = torch.as_tensor(labels)
     if y.dim() != 1:
         raise ValueError(f"labels must be a 1-D sequence of class indices (B,), got shape {tuple(y.shape)}")
@@ -118,11 +116,26 @@ def _check_labels(labels, num_classes: int) -> torch.Tensor:
     return y
 
 
-def _check_fraction(name: str, f) -> None:
-    if f is None:
-        return
-    if not (0.0 <= float(f) < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {f}")
+def check_sampling_args(model: nn.Module, sampler: str, num_sampling_steps: int, cfg_scale: float, eta: float,
+                        tail_dropping_fraction: float, uncond_tail_dropping_fraction: float | None) -> None:
+    """Every knob of :func:`generate` that can be wrong, refused with a ValueError that says why."""
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if int(num_sampling_steps) < 1:
+        raise ValueError(f"num_sampling_steps must be at least 1, got {num_sampling_steps}")
+    if float(eta) < 0 or (float(eta) != 0 and sampler != "ddim"):
+        raise ValueError(f"eta = {eta}: eta is DDIM's noise scale, >= 0 and only with sampler 'ddim' (--sampler ddim)")
+    for name, f in (("tail_dropping_fraction", tail_dropping_fraction),
+                    ("uncond_tail_dropping_fraction", uncond_tail_dropping_fraction)):
+        if f is not None and not (0.0 <= float(f) < 1.0):
+            raise ValueError(f"{name} must lie in [0, 1), got {f}")
+    if not routes_tokens(model) and (float(tail_dropping_fraction) > 0 or uncond_tail_dropping_fraction not in (None, 0, 0.0)):
+        raise ValueError("tail-dropping applies to DC-DiT only; this DiT has fixed patches (use fractions 0 / None)")
+    if float(cfg_scale) != 1.0 and float(getattr(unwrap(model), "class_dropout_prob", 0.1)) <= 0:
+        raise ValueError(
+            "classifier-free guidance needs the null class, but the model was built with class_dropout_prob=0 "
+            "(no null embedding); use cfg_scale=1.0"
+        )
 
 
 def snapshot_steps(num_steps: int, num_snapshots: int) -> list[int]:
@@ -139,6 +152,128 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def respacing(sampler: str, num_sampling_steps: int) -> str:
+    """The ``timestep_respacing`` of a sampler: ``"250"`` (DDPM, evenly spaced) or ``"ddim50"``."""
+    return str(int(num_sampling_steps)) if sampler == "ddpm" else f"ddim{int(num_sampling_steps)}"
+
+
+def sampling_diffusion(model: nn.Module, sampler: str, num_sampling_steps: int):
+    """The respaced diffusion of the schedule the model was trained with (older checkpoints: DiT's linear one)."""
+    from .diffusion import create_diffusion
+
+    inner = unwrap(model)
+    return create_diffusion(respacing(sampler, num_sampling_steps), noise_schedule=getattr(inner, "noise_schedule", "linear"),
+                            learn_sigma=bool(inner.learn_sigma))
+
+
+def model_function(model: nn.Module, labels: torch.Tensor, *, cfg_scale: float = 1.0, guidance_channels: int | None = None,
+                   tail_dropping_fraction: float = 0.0, uncond_tail_dropping_fraction: float | None = None,
+                   device: torch.device | None = None):
+    """``(x, t) -> (fp32 prediction, RoutingRecord or None)``: the model call of one sampling step.
+
+    Without guidance (``cfg_scale == 1``) the batch is ``labels``; with it, [labels; null] and the
+    guided prediction (:func:`~dcdit.models.interface.predict_guided`). CUDA runs under bf16 autocast."""
+    device = torch.device(device) if device is not None else labels.device
+    f, f_u = float(tail_dropping_fraction), None if uncond_tail_dropping_fraction is None else float(uncond_tail_dropping_fraction)
+    if float(cfg_scale) != 1.0:
+        y = cfg_labels(labels, int(unwrap(model).num_classes)).to(device)
+
+        def call(x, t):
+            return predict_guided(model, x, t, y, cfg_scale, tail_dropping_fraction=f, uncond_tail_dropping_fraction=f_u,
+                                  guidance_channels=guidance_channels)
+    else:
+        y = labels.to(device)
+
+        def call(x, t):
+            return predict(model, x, t, y, tail_dropping_fraction=f)
+
+    def model_fn(x, t):
+        with _autocast(device):
+            out, record = call(x, t)
+        return out.float(), record
+
+    return model_fn
+
+
+def sampler_step(diffusion, sampler: str, *, clip_denoised: bool = False, eta: float = 0.0):
+    """``(model_fn, x_t, t, noise) -> {"sample", "pred_xstart", "aux"}``: one DDPM or DDIM step."""
+    if sampler == "ddpm":
+        return lambda model_fn, x, t, noise: diffusion.p_sample(model_fn, x, t, noise=noise, clip_denoised=clip_denoised)
+    return lambda model_fn, x, t, noise: diffusion.ddim_sample(model_fn, x, t, noise=noise, clip_denoised=clip_denoised, eta=eta)
+
+
+def fixed_token_count(model: nn.Module) -> int:
+    """Tokens a model without routing processes per sample: a DiT's (H/P)·(W/P) patches (H·W without a patch size)."""
+    inner = unwrap(model)
+    grid = getattr(inner, "token_grid", None)
+    if grid is None:
+        P = int(getattr(inner, "patch_size", 1))
+        grid = (inner.grid[0] // P, inner.grid[1] // P)
+    return int(grid[0]) * int(grid[1])
+
+
+def _halves(record, guided: bool) -> tuple:
+    """(conditional, unconditional) records of a step; (record, None) without guidance."""
+    if record is None:
+        return None, None
+    return tuple(record.split(2)) if guided else (record, None)
+
+
+def _token_counts(record, batch: int, fixed_tokens: int) -> dict:
+    if record is None:  # fixed patches: every sample keeps them all
+        full = torch.full((batch,), fixed_tokens, dtype=torch.long)
+        return {"kept": full, "natural": full.clone()}
+    counts = {"kept": record.kept_count.detach().cpu().long(), "natural": record.natural_mask.sum(1).detach().cpu().long()}
+    if record.dydit is not None:  # DyDiT gates: what each inner block really executed
+        counts["dydit"] = dydit_usage(record)
+    return counts
+
+
+def trace_entry(step: int, t: int, record, *, batch: int, tokens: int, guided: bool, fixed_tokens: int) -> dict:
+    """One :attr:`SampleResult.trace` entry: the step, its original timestep and the tokens each half kept."""
+    cond, uncond = _halves(record, guided)
+    entry: dict[str, Any] = {"t": t, "step": step, "tokens": tokens, **_token_counts(cond, batch, fixed_tokens)}
+    if guided:
+        entry.update({f"uncond_{k}": v for k, v in _token_counts(uncond, batch, fixed_tokens).items()})
+    return entry
+
+
+def snapshot(step: int, t: int, x_t: torch.Tensor, pred_xstart: torch.Tensor, record, *, guided: bool) -> dict:
+    """One :attr:`SampleResult.snapshots` entry (CPU copies): x_t, x̂0 and the routing maps of the conditional half."""
+    cond, uncond = _halves(record, guided)
+    B, (H, W) = cond.p.shape[0], cond.grid
+
+    def grid_map(v, dtype=None):
+        v = v.detach().cpu()
+        return (v.float() if dtype is torch.float32 else v).reshape(B, H, W).clone()
+
+    snap = {"t": t, "step": step, "x_t": x_t[:B].detach().float().cpu().clone(),
+            "pred_xstart": pred_xstart[:B].detach().float().cpu().clone(),
+            "p": grid_map(cond.p, torch.float32), "kept_mask": grid_map(cond.kept_mask), "natural_mask": grid_map(cond.natural_mask)}
+    if guided:
+        snap["uncond_p"], snap["uncond_kept_mask"] = grid_map(uncond.p, torch.float32), grid_map(uncond.kept_mask)
+    return snap
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+        return device
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def generate(
@@ -160,6 +295,9 @@ def generate(
     eta: float = 0.0,
 ) -> SampleResult:
     """Sample one image per label from ``model`` (a DiT or a DC-DiT).
+
+    The loop is: model call (with guidance) → sampler step → trace (and a snapshot at some steps),
+    each a function of this module that can be used and tested on its own.
 
     Args:
         model: a DiT (forward returns a tensor) or DC-DiT (returns ``(tensor, RoutingRecord)``).
@@ -185,181 +323,78 @@ def generate(
     Returns:
         :class:`SampleResult`.
     """
-    from .diffusion import create_diffusion
-
+    check_sampling_args(model, sampler, num_sampling_steps, cfg_scale, eta, tail_dropping_fraction, uncond_tail_dropping_fraction)
     inner = unwrap(model)
-    num_classes = int(inner.num_classes)
-    in_channels = int(inner.in_channels)
-    H, W = (int(s) for s in inner.grid)
-    is_dcdit = _is_dcdit(model)
-
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    if int(num_sampling_steps) < 1:
-        raise ValueError(f"num_sampling_steps must be at least 1, got {num_sampling_steps}")
-    if float(eta) < 0 or (float(eta) != 0 and sampler != "ddim"):
-        raise ValueError(f"eta = {eta}: eta is DDIM's noise scale, >= 0 and only with sampler 'ddim' (--sampler ddim)")
-    _check_fraction("tail_dropping_fraction", tail_dropping_fraction)
-    _check_fraction("uncond_tail_dropping_fraction", uncond_tail_dropping_fraction)
-    if not is_dcdit and (float(tail_dropping_fraction) > 0 or uncond_tail_dropping_fraction not in (None, 0, 0.0)):
-        raise ValueError("tail-dropping applies to DC-DiT only; this DiT has fixed patches (use fractions 0 / None)")
-    y = _check_labels(labels, num_classes)
-    B = len(y)
-    use_cfg = float(cfg_scale) != 1.0
-    if use_cfg and float(getattr(inner, "class_dropout_prob", 0.1)) <= 0:
-        raise ValueError(
-            "classifier-free guidance needs the null class, but the model was built with class_dropout_prob=0 "
-            "(no null embedding); use cfg_scale=1.0"
-        )
-
-    if device is not None:
-        device = torch.device(device)
-        model.to(device)
-    else:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-
-    respacing = str(int(num_sampling_steps)) if sampler == "ddpm" else f"ddim{int(num_sampling_steps)}"
-    # the schedule the model was trained with (older checkpoints: DiT's linear one)
-    diffusion = create_diffusion(respacing, noise_schedule=getattr(inner, "noise_schedule", "linear"),
-                                 learn_sigma=bool(inner.learn_sigma))
-    timestep_map = list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
-    K = diffusion.num_timesteps
-
+    y = check_labels(labels, int(inner.num_classes))
+    guided, routed, B = float(cfg_scale) != 1.0, routes_tokens(model), len(y)
+    device = _device_of(model, device)
+    diffusion = sampling_diffusion(model, sampler, num_sampling_steps)
+    model_fn = model_function(model, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels, device=device,
+                              tail_dropping_fraction=tail_dropping_fraction,
+                              uncond_tail_dropping_fraction=uncond_tail_dropping_fraction)
+    step_fn = sampler_step(diffusion, sampler, clip_denoised=clip_denoised, eta=eta)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    shape = (B, in_channels, H, W)
-    if noise is not None:
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        z = noise.detach().float().cpu()
-    else:
-        z = torch.randn(shape, generator=gen)
+    shape = (B, int(inner.in_channels), *(int(s) for s in inner.grid))
+    z = _initial_noise(shape, gen, noise)
+    img = (torch.cat([z, z]) if guided else z).to(device)
+    K, timestep_map = diffusion.num_timesteps, list(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)))
+    snap_at = set(snapshot_steps(K, num_snapshots)) if routed else set()
+    counts = dict(batch=B, tokens=shape[2] * shape[3], guided=guided, fixed_tokens=None if routed else fixed_token_count(model))
+    trace, snapshots = [], []
+    with _eval_mode(model), torch.no_grad():
+        for step, i in enumerate(_progress(list(range(K))[::-1], progress, f"{sampler} {K} steps")):
+            t = torch.full((len(img),), i, device=device, dtype=torch.long)
+            step_noise = torch.randn(shape, generator=gen)
+            out = step_fn(model_fn, img, t, (torch.cat([step_noise, step_noise]) if guided else step_noise).to(device))
+            record = out.get("aux")
+            trace.append(trace_entry(step, int(timestep_map[i]), record, **counts))
+            if step in snap_at and record is not None:
+                snapshots.append(snapshot(step, int(timestep_map[i]), img, out["pred_xstart"], record, guided=guided))
+            img = out["sample"]
+    settings = _settings(inner, routed, device, sampler=sampler, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+                         guidance_channels=guidance_channels, tail_dropping_fraction=tail_dropping_fraction,
+                         uncond_tail_dropping_fraction=uncond_tail_dropping_fraction, seed=seed,
+                         clip_denoised=clip_denoised, eta=eta, custom_noise=noise is not None)
+    return SampleResult(samples=img[:B].clone(), trace=trace, snapshots=snapshots, labels=y, settings=settings)
 
-    # ---- the model function handed to the diffusion (always returns an fp32 prediction)
-    if use_cfg:
-        y_in = torch.cat([y, torch.full_like(y, num_classes)]).to(device)
-        if is_dcdit:
-            def call(x, t):
-                return model.forward_with_cfg(
-                    x, t, y_in, cfg_scale,
-                    tail_dropping_fraction=float(tail_dropping_fraction),
-                    uncond_tail_dropping_fraction=(
-                        None if uncond_tail_dropping_fraction is None else float(uncond_tail_dropping_fraction)
-                    ),
-                    guidance_channels=guidance_channels,
-                )
-        else:
-            def call(x, t):
-                return model.forward_with_cfg(x, t, y_in, cfg_scale, guidance_channels=guidance_channels)
-    else:
-        y_in = y.to(device)
-        if is_dcdit:
-            def call(x, t):
-                return model(x, t, y_in, tail_dropping_fraction=float(tail_dropping_fraction))
-        else:
-            def call(x, t):
-                return model(x, t, y_in)
 
-    def model_fn(x, t):
-        with _autocast(device):
-            out = call(x, t)
-        if isinstance(out, (tuple, list)):
-            return (out[0].float(), *out[1:])
-        return out.float()
+def _initial_noise(shape: tuple, gen: torch.Generator, noise: torch.Tensor | None) -> torch.Tensor:
+    if noise is None:
+        return torch.randn(shape, generator=gen)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    return noise.detach().float().cpu()
 
-    nb = 2 * B if use_cfg else B
-    img = (torch.cat([z, z]) if use_cfg else z).to(device)
-    step_fn = diffusion.p_sample if sampler == "ddpm" else diffusion.ddim_sample
-    step_kwargs = dict(clip_denoised=clip_denoised) if sampler == "ddpm" else dict(clip_denoised=clip_denoised, eta=eta)
-    snap_at = set(snapshot_steps(K, num_snapshots)) if is_dcdit else set()
-    n_patches = None
-    if not is_dcdit:
-        tg = getattr(inner, "token_grid", None)
-        if tg is None:
-            P = int(getattr(inner, "patch_size", 1))
-            tg = (H // P, W // P)
-        n_patches = int(tg[0]) * int(tg[1])
 
-    indices = list(range(K))[::-1]
-    iterator = indices
-    if progress:
-        from tqdm.auto import tqdm
+def _progress(steps: list, enabled: bool, desc: str):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
 
-        iterator = tqdm(indices, desc=f"{sampler} {K} steps")
+    return tqdm(steps, desc=desc)
 
-    trace: list[dict] = []
-    snapshots: list[dict] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for step, i in enumerate(iterator):
-                t = torch.full((nb,), i, device=device, dtype=torch.long)
-                step_noise = torch.randn(shape, generator=gen)
-                step_noise = (torch.cat([step_noise, step_noise]) if use_cfg else step_noise).to(device)
-                out = step_fn(model_fn, img, t, noise=step_noise, **step_kwargs)
-                rec = out.get("aux")
-                entry: dict[str, Any] = {"t": int(timestep_map[i]), "step": step, "tokens": H * W}
-                if rec is not None:
-                    cond = rec.split(2)[0] if use_cfg else rec
-                    entry["kept"] = cond.kept_count.detach().cpu().long()
-                    entry["natural"] = cond.natural_mask.sum(1).detach().cpu().long()
-                    if cond.dydit is not None:  # DyDiT gates: what each inner block really executed
-                        entry["dydit"] = dydit_usage(cond)
-                    if use_cfg:
-                        unc = rec.split(2)[1]
-                        entry["uncond_kept"] = unc.kept_count.detach().cpu().long()
-                        entry["uncond_natural"] = unc.natural_mask.sum(1).detach().cpu().long()
-                        if unc.dydit is not None:
-                            entry["uncond_dydit"] = dydit_usage(unc)
-                else:
-                    full = torch.full((B,), n_patches if n_patches is not None else H * W, dtype=torch.long)
-                    entry["kept"] = full
-                    entry["natural"] = full.clone()
-                    if use_cfg:
-                        entry["uncond_kept"] = full.clone()
-                        entry["uncond_natural"] = full.clone()
-                trace.append(entry)
-                if step in snap_at and rec is not None:
-                    snap = {
-                        "t": int(timestep_map[i]),
-                        "step": step,
-                        "x_t": img[:B].detach().float().cpu().clone(),
-                        "pred_xstart": out["pred_xstart"][:B].detach().float().cpu().clone(),
-                        "p": cond.p.detach().float().cpu().reshape(B, H, W).clone(),
-                        "kept_mask": cond.kept_mask.detach().cpu().reshape(B, H, W).clone(),
-                        "natural_mask": cond.natural_mask.detach().cpu().reshape(B, H, W).clone(),
-                    }
-                    if use_cfg:
-                        snap["uncond_p"] = unc.p.detach().float().cpu().reshape(B, H, W).clone()
-                        snap["uncond_kept_mask"] = unc.kept_mask.detach().cpu().reshape(B, H, W).clone()
-                    snapshots.append(snap)
-                img = out["sample"]
-    finally:
-        model.train(was_training)
 
-    samples = img[:B].clone()
-    settings = dict(
-        arch="dcdit" if is_dcdit else "dit",
+def _settings(inner: nn.Module, routed: bool, device: torch.device, *, sampler, num_sampling_steps, cfg_scale, guidance_channels,
+              tail_dropping_fraction, uncond_tail_dropping_fraction, seed, clip_denoised, eta, custom_noise) -> dict:
+    """:attr:`SampleResult.settings`: the arguments of a :func:`generate` call, JSON-serialisable."""
+    return dict(
+        arch="dcdit" if routed else "dit",
         sampler=sampler,
         num_sampling_steps=int(num_sampling_steps),
-        timestep_respacing=str(int(num_sampling_steps)) if sampler == "ddpm" else f"ddim{int(num_sampling_steps)}",
-        cfg=use_cfg,
+        timestep_respacing=respacing(sampler, num_sampling_steps),
+        cfg=float(cfg_scale) != 1.0,
         cfg_scale=float(cfg_scale),
         guidance_channels=guidance_channels,
         tail_dropping_fraction=float(tail_dropping_fraction),
-        uncond_tail_dropping_fraction=(
-            None if uncond_tail_dropping_fraction is None else float(uncond_tail_dropping_fraction)
-        ),
+        uncond_tail_dropping_fraction=None if uncond_tail_dropping_fraction is None else float(uncond_tail_dropping_fraction),
         seed=int(seed),
         device=str(device),
         precision="bf16-autocast" if device.type == "cuda" else "fp32",
         clip_denoised=bool(clip_denoised),
         eta=float(eta) if sampler == "ddim" else None,
-        custom_noise=noise is not None,
-        num_classes=num_classes,
+        custom_noise=custom_noise,
+        num_classes=int(inner.num_classes),
     )
-    return SampleResult(samples=samples, trace=trace, snapshots=snapshots, labels=y, settings=settings)
 
 
 # ------------------------------------------------------------------------------- images and files

@@ -11,33 +11,42 @@ in the global batch). Hence
 Label dropout is drawn here (not inside the model's label embedder, whose own dropout is switched
 off) for the same reason. The ratio loss is computed per micro-batch in groups of
 ``ratio_batch_size`` samples, as the authors' release does per device.
+
+Guards: a step with a non-finite loss or gradient norm is skipped, and ``train.max_nonfinite_steps``
+of them in a row stop the run (:class:`TrainingDiverged`); weights are checked before every
+checkpoint, so none holds a NaN or inf. SIGTERM / SIGINT finish the step, write a checkpoint and
+stop (``dcdit.preemption``). ``--resume`` refuses settings that would change the trajectory
+(:func:`changed_settings`) unless told ``allow_changed``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
+import dataclasses
+import functools
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from . import distributed as D
 from .checkpoint import find_checkpoint, load_state_dict_checked, read_weights, save_checkpoint, set_rng_state
-from .config import RunConfig, build_model, model_config_to_dict, save_run_config
+from .config import ModelConfig, RunConfig, build_model, model_config_to_dict, run_config_to_dict
 from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
-from .models.embedders import LabelEmbedder
 from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_dydit_router
+from .models.embedders import LabelEmbedder
+from .models.interface import predict, routes_tokens
+from .preemption import StopSignals, TrainingInterrupted
 from .ratio_loss import curriculum_target_ratio, ratio_loss
+from .train_log import TrainLogger
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
 _MIX = 1_000_003  # spreads (seed, step, index) over seed space
@@ -78,27 +87,28 @@ def build_train_dataset(cfg: RunConfig):
     return build_dataset(data.name)  # raises with the list of valid names
 
 
-def build_or_upcycle(cfg: RunConfig, fresh: bool):
-    """The model to train, and the frozen teacher when upcycling (``train.upcycle.from_dit``).
+def build_or_upcycle(cfg: RunConfig, fresh: bool) -> tuple[torch.nn.Module, torch.nn.Module | None, ModelConfig]:
+    """(model to train, frozen teacher or None, the model's config).
 
-    Upcycling rewrites ``cfg.model`` with the upcycling settings (condition adaptor, the DiT's
-    timestep convention, positions in the DiT's patch coordinates) so that checkpoints describe the
-    model exactly; on resume the weights come from the checkpoint instead of the DiT."""
+    Upcycling (``train.upcycle.from_dit``) returns a new model config with the upcycling settings
+    (condition adaptor, the DiT's timestep convention, positions in the DiT's patch coordinates), so
+    that checkpoints describe the model exactly; ``cfg`` is not changed. On resume (``fresh=False``)
+    the weights come from the checkpoint instead of the DiT."""
     up = cfg.train.upcycle
     if not up.from_dit:
-        return build_model(cfg.model), None
+        return build_model(cfg.model), None, cfg.model
     if cfg.model.arch != "dcdit":
         raise ValueError("train.upcycle.from_dit upcycles into a DC-DiT: set model.arch to dcdit")
     dit, report = load_pretrained_dit(up.from_dit, num_heads=up.num_heads)
     print(report.summary())
     if fresh:
-        model, cfg.model = upcycle(dit, cfg.model)
+        model, model_cfg = upcycle(dit, cfg.model)
     else:
-        cfg.model = upcycled_config(dit, cfg.model)
-        model = build_model(cfg.model)
+        model_cfg = upcycled_config(dit, cfg.model)
+        model = build_model(model_cfg)
     if up.freeze_embedders:
         freeze_embedders(model)
-    return model, dit.eval().requires_grad_(False)
+    return model, dit.eval().requires_grad_(False), model_cfg
 
 
 def init_weights_from(model: torch.nn.Module, path: str) -> None:
@@ -128,6 +138,20 @@ def check_data_matches_model(sample: torch.Tensor, model) -> None:
         )
 
 
+def check_labels_fit(dataset, cfg: RunConfig) -> None:
+    """The data's labels must be classes of the model: label ``num_classes`` is the null class of
+    classifier-free guidance, so a real class there would silently become unconditional."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) == 0:
+        return
+    lo, hi, k = int(labels.min()), int(labels.max()), cfg.model.num_classes
+    if lo < 0 or hi >= k:
+        raise ValueError(
+            f"the {cfg.data.name} data set has labels {lo}..{hi} but model.num_classes={k} (classes 0..{k - 1}; "
+            f"{k} is the null label of guidance): set model.num_classes={hi + 1}" + (" or more" if lo >= 0 else "")
+        )
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -151,81 +175,6 @@ def autocast_for(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-@dataclass
-class _Interval:
-    """Running sums between two log lines (local to a rank)."""
-
-    steps: int = 0
-    loss: float = 0.0
-    diffusion: float = 0.0
-    mse: float = 0.0
-    vb: float = 0.0
-    ratio: float = 0.0
-    distill: float = 0.0
-    dydit_loss: float = 0.0
-    dydit_ratio: float = 0.0
-    grad_norm: float = 0.0
-    skipped: int = 0
-    t0: float = 0.0
-
-
-class CSVLog:
-    """``log.csv``: one row per logged step. Rewrites (resume, new columns) go through a temporary
-    file and an atomic rename, and work on raw rows, so a malformed row never costs the log."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        if resume_step is not None and path.exists():  # drop rows logged after the checkpoint we resume from
-            rows = self._raw_rows()
-            if rows:
-                keep = [r for r in rows[1:] if r and (not r[0].isdigit() or int(r[0]) <= resume_step)]
-                self._replace([rows[0], *keep])
-
-    def _raw_rows(self) -> list[list[str]]:
-        with open(self.path, newline="") as f:
-            return list(csv.reader(f))
-
-    def _replace(self, rows: list[list[str]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict) -> None:
-        header = None
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                header = next(csv.reader(f), None)
-        if header is not None and header != list(row):  # columns changed (e.g. a newer dcdit resumed the run)
-            fields = header + [k for k in row if k not in header]
-            old = self._raw_rows()[1:]  # old rows keep their values in the old columns, empty in the new
-            self._replace([fields, *(r + [""] * (len(fields) - len(r)) for r in old)])
-            header = fields
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header or list(row), restval="")
-            if header is None:
-                w.writeheader()
-            w.writerow(row)
-
-
-def _open_tensorboard(run_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
-def _open_wandb(cfg: RunConfig, run_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    import wandb  # optional dependency; a clear ImportError names it
-
-    return wandb.init(project="dcdit", dir=str(run_dir), config=json.loads(json.dumps(cfg, default=vars)))
-
-
 def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
     """AdamW groups: every trainable parameter at ``train.lr``; with ``train.dydit_router_lr`` set,
     the DyDiT routers in a second group at that rate (their all-on initialisation needs large moves,
@@ -241,24 +190,67 @@ def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
             {"params": [p for (_, p), r in zip(named, is_router) if r], "lr": tc.dydit_router_lr}]
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint."""
-    dist_info = D.setup(device)
-    dev, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
-    tc = cfg.train
-    run_dir = Path(run_dir)
-    G = tc.global_batch_size
-    micro = tc.micro_batch_size or G // world
-    if micro < 1 or G % (world * micro):
-        raise ValueError(
-            f"train.global_batch_size ({G}) must equal world size ({world}) × micro_batch_size ({micro}) × "
-            f"gradient-accumulation steps; choose micro_batch_size dividing {G // max(world, 1)}"
-        )
-    accum = G // (world * micro)
+# ------------------------------------------------------------------------------------ setup and resume
 
+
+def batch_split(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro-batch per process and forward pass, gradient-accumulation steps) of a global batch."""
+    micro = micro_batch or global_batch // world
+    if micro < 1 or global_batch % (world * micro):
+        raise ValueError(
+            f"train.global_batch_size ({global_batch}) must equal world size ({world}) × micro_batch_size ({micro}) × "
+            f"gradient-accumulation steps; choose micro_batch_size dividing {global_batch // max(world, 1)}"
+        )
+    return micro, global_batch // (world * micro)
+
+
+@dataclass
+class TrainingRun:
+    """Everything the steps of a run share, built once by :func:`setup_run`.
+
+    ``cfg`` is the run's resolved config (with an upcycled model's settings); ``ddp`` is the model
+    behind DistributedDataParallel under torchrun (the model itself in one process); ``step`` counts
+    the completed optimizer steps."""
+
+    cfg: RunConfig
+    run_dir: Path
+    dist: D.DistInfo
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: Any
+    diffusion: Any
+    order: EpochOrder
+    sample_shape: tuple[int, int, int]  # (C, H, W) of one training sample
+    teacher: torch.nn.Module | None = None
+    ddp: torch.nn.Module | None = None
+    micro: int = 1
+    accum: int = 1
+    step: int = 0
+    skipped_total: int = 0
+    nonfinite_streak: int = 0  # consecutive skipped steps up to now
+    wall_before: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def distilling(self) -> bool:
+        return self.teacher is not None and self.step < self.cfg.train.upcycle.distill_steps
+
+
+def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None, allow_changed: bool = False) -> TrainingRun:
+    """The process group, model, EMA, optimizer and data of a run; resumed from its latest checkpoint
+    or started fresh (optionally from ``train.init_from``). A straight sequence kept whole: its order
+    fixes what the seeded global random stream initialises."""
+    dist_info = D.setup(device)
+    tc, run_dir = cfg.train, Path(run_dir)
+    micro, accum = batch_split(tc.global_batch_size, dist_info.world_size, tc.micro_batch_size)
     torch.manual_seed(tc.seed)  # identical initialisation on every rank
-    model, teacher = build_or_upcycle(cfg, fresh=not resume)
-    model = model.to(dev)
+    model, teacher, model_cfg = build_or_upcycle(cfg, fresh=not resume)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model = model.to(dist_info.device)
     for m in model.modules():  # label dropout is drawn by the loop from the global stream (see module doc)
         if isinstance(m, LabelEmbedder):
             m.dropout_prob = 0.0
@@ -266,193 +258,317 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     optimizer = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
     dataset = build_train_dataset(cfg)
     check_data_matches_model(dataset[0][0], model)
+    check_labels_fit(dataset, cfg)
+    if tc.multi_budget.fractions and not routes_tokens(model):
+        raise ValueError("train.multi_budget draws tail-drop fractions, which only a DC-DiT has: remove "
+                         "train.multi_budget.fractions or set model.arch to dcdit")
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=model.noise_schedule, learn_sigma=model.learn_sigma)
-    is_dcdit = cfg.model.arch == "dcdit"
-    label_drop_p = cfg.model.class_dropout_prob
-
-    step, skipped_total, wall_before = 0, 0, 0.0
+    run = TrainingRun(cfg, run_dir, dist_info, model, ema, optimizer, dataset, diffusion, EpochOrder(len(dataset), tc.seed),
+                      tuple(dataset[0][0].shape), teacher, model, micro, accum)
     if resume:
-        ckpt = find_checkpoint(run_dir)
-        state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
-        saved, now = model_config_to_dict(saved_cfg.model), model_config_to_dict(cfg.model)
-        if saved != now:
-            diff = ", ".join(f"model.{k}: {saved.get(k)!r} in the run, {now.get(k)!r} now"
-                             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-            raise ValueError(f"cannot resume {ckpt}: its model config differs from this run's ({diff}); "
-                             f"resume with the run's own config: dcdit train {run_dir / 'config.yaml'} --out {run_dir} --resume")
-        load_state_dict_checked(model, state, str(ckpt / "model.safetensors"))
-        load_state_dict_checked(ema, read_weights(ckpt / "ema.safetensors")[0], str(ckpt / "ema.safetensors"))
-        ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(ts["optimizer"])
-        step, skipped_total, wall_before = ts["step"], ts.get("skipped_steps", 0), ts.get("wall_time", 0.0)
-        set_rng_state(ts["rng"])
+        resume_from_checkpoint(run, allow_changed)
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     elif tc.init_from:
         init_weights_from(model, tc.init_from)
         ema.load_state_dict(model.state_dict())
-    if teacher is not None:
-        teacher = teacher.to(dev) if step < tc.upcycle.distill_steps else None
-    # while distilling, the decoder receives no gradient: DDP must tolerate unused parameters
-    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=teacher is not None) if world > 1 else model
-    order = EpochOrder(len(dataset), tc.seed)
-    T = diffusion.num_timesteps
-    C, H, W = dataset[0][0].shape
+    run.teacher = teacher.to(dist_info.device) if run.distilling else None
+    if dist_info.world_size > 1:  # while distilling, the decoder gets no gradient: DDP must tolerate unused parameters
+        run.ddp = DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None,
+                      find_unused_parameters=run.teacher is not None)
+    return run
 
-    csv_log = tb = wb = None
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_run_config(cfg, run_dir / "config.yaml")
-        csv_log = CSVLog(run_dir / "log.csv", resume_step=step if resume else None)
-        tb = _open_tensorboard(run_dir, tc.tensorboard)
-        wb = _open_wandb(cfg, run_dir, tc.wandb)
-    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and dist_info.is_main), desc="train", dynamic_ncols=True)
-    acc = _Interval(t0=time.time())
-    ratios_nat, ratios_eff, fractions = [], [], []
-    t_start, last = time.time(), {}
-    kill_at = int(os.environ.get("DCDIT_KILL_AT_STEP", "-1"))  # test hook: die abruptly after this step
 
-    model.train()
-    while step < tc.steps:
-        # --- the step's global random stream -------------------------------------------------
-        g = step_generator(tc.seed, step)
-        idx_all = order.indices(step * G, G)
-        t_all = torch.randint(0, T, (G,), generator=g)
-        noise_all = torch.randn(G, C, H, W, generator=g)
-        drop_all = torch.rand(G, generator=g) < label_drop_p
-        mb = tc.multi_budget
-        fraction = 0.0
-        if mb.fractions and step >= mb.start_step:
-            fraction = float(mb.fractions[int(torch.randint(len(mb.fractions), (1,), generator=g))])
+def check_same_model(saved: RunConfig, now: RunConfig, ckpt: Path, run_dir: Path) -> None:
+    """A run resumes only with the model it was trained with (the weights would not fit otherwise)."""
+    a, b = model_config_to_dict(saved.model), model_config_to_dict(now.model)
+    if a != b:
+        diff = ", ".join(f"model.{k}: {a.get(k)!r} in the run, {b.get(k)!r} now"
+                         for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        raise ValueError(f"cannot resume {ckpt}: its model config differs from this run's ({diff}); "
+                         f"resume with the run's own config: dcdit train {run_dir / 'config.yaml'} --out {run_dir} --resume")
 
-        loss_ok = torch.ones((), device=dev)
-        for a in range(accum):
-            lo = (rank * accum + a) * micro
-            sl = slice(lo, lo + micro)
-            xs, ys = [], []
-            for j, i in zip(range(lo, lo + micro), idx_all[sl].tolist()):
-                torch.manual_seed(tc.seed * _MIX + step * 7919 + j)  # per-sample augmentation stream
-                x_j, y_j = dataset[i]
-                xs.append(x_j)
-                ys.append(int(y_j))
-            x = torch.stack(xs).to(dev)
-            # Label dropout for CFG is drawn from the step's stream; the model must not drop again.
-            y, drop = torch.tensor(ys).to(dev), drop_all[sl].long().to(dev)
-            kwargs = {"y": y, "force_drop_ids": drop}
-            if is_dcdit:
-                kwargs["tail_dropping_fraction"] = fraction
-            sync = (a == accum - 1) or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                torch.manual_seed(tc.seed * _MIX + step * 7919 + G + rank * accum + a)  # model-internal randomness
-                t, noise = t_all[sl].to(dev), noise_all[sl].to(dev)
-                with autocast_for(dev, tc.mixed_precision):
-                    if teacher is not None and step < tc.upcycle.distill_steps:  # upcycling warm-up (§4.4)
-                        x_t = diffusion.q_sample(x, t, noise=noise)
-                        d_loss, record = distillation_loss(ddp, teacher, x_t, t, y, fraction, student_blocks=model.blocks, force_drop_ids=drop)
-                        terms = {"loss": d_loss[None], "mse": torch.zeros(1), "aux": record}
-                    else:
-                        d_loss = torch.zeros((), device=dev)
-                        terms = diffusion.training_losses(ddp, x, t, model_kwargs=kwargs, noise=noise)
-                diff_loss = terms["loss"].mean()
-                loss = diff_loss
-                r_loss = torch.zeros((), device=dev)
-                record = terms.get("aux")
-                if record is not None:
-                    target_n = curriculum_target_ratio(step, cfg.model.target_ratio, tc.target_ratio_start, tc.target_ratio_warmup_steps)
-                    r_loss = ratio_loss(record, target_n, tc.ratio_batch_size)
-                    loss = loss + tc.ratio_loss_weight * r_loss
-                    if record.dydit is not None:  # DyDiT: inner-block FLOPs toward the target λ
-                        target = flops_target(step, tc.dydit_warmup_steps, tc.dydit_target)
-                        f_loss = dydit_flops_loss(record, cfg.model, target)
-                        loss = loss + tc.dydit_loss_weight * f_loss
-                        acc.dydit_loss += float(f_loss.detach()) / accum
-                        acc.dydit_ratio += float(dydit_flops_ratio(record, cfg.model).detach().mean()) / accum
-                    ratios_nat.append(record.natural_compression_ratio.detach().cpu())
-                    ratios_eff.append(record.compression_ratio.detach().cpu())
-                loss_ok = loss_ok * torch.isfinite(loss.detach()).float()
-                (loss / accum).backward()
-            acc.loss += float(loss.detach()) / accum
-            acc.diffusion += float(diff_loss.detach()) / accum
-            acc.mse += float(terms["mse"].detach().mean()) / accum
-            acc.vb += float(terms["vb"].detach().mean()) / accum if "vb" in terms else 0.0
-            acc.ratio += float(r_loss.detach()) / accum
-            acc.distill += float(d_loss.detach()) / accum
 
-        D.all_reduce_(loss_ok, op=torch.distributed.ReduceOp.MIN if world > 1 else None)
-        clip = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if bool(loss_ok) and math.isfinite(float(grad_norm)):
-            optimizer.step()
-            decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-            update_ema(ema, model, decay)
-        else:
-            acc.skipped += 1
-            skipped_total += 1
-            bar.write(f"step {step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); step skipped")
-        optimizer.zero_grad(set_to_none=True)
-        acc.grad_norm += float(grad_norm) if math.isfinite(float(grad_norm)) else 0.0
-        fractions.append(fraction)
-        acc.steps += 1
-        step += 1
-        bar.update(1)
+# Settings that do not change what a step computes: a run may resume with other values of these.
+RESUME_FREE = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.tensorboard",
+               "train.wandb", "train.max_nonfinite_steps", "train.init_from"}
 
-        if step % tc.log_every == 0 or step == tc.steps or step == 1:
-            last = _log(step, acc, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev)
-            acc, ratios_nat, ratios_eff, fractions = _Interval(t0=time.time()), [], [], []
-        if step % tc.ckpt_every == 0 or step == tc.steps:
-            if dist_info.is_main:
-                extra = {"skipped_steps": skipped_total, "wall_time": wall_before + time.time() - t_start}
-                save_checkpoint(run_dir, step, model, ema, optimizer, cfg, extra, keep_last=tc.keep_last)
-            D.barrier()
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    bar.close()
-    summary = {"step": step, "skipped_steps": skipped_total, "wall_time_s": wall_before + time.time() - t_start,
-               "rank_param_max_abs_diff": rank_divergence(model), **last}
-    if dist_info.is_main:
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        if tb is not None:
-            tb.close()
-        if wb is not None:
-            wb.finish()
+def _flat(section: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(f"{section}.{k}", v) if isinstance(v, dict) else {f"{section}.{k}": v})
+    return out
+
+
+def changed_settings(saved: RunConfig, now: RunConfig, saved_layout: dict, now_layout: dict) -> list[str]:
+    """What differs between a run and the settings it is resumed with, among everything that changes
+    the training trajectory: the data and train sections (except :data:`RESUME_FREE`) and the batch
+    layout (processes × micro-batch; older checkpoints did not record it). One line per change."""
+    old, new = ({k: v for s in ("data", "train") for k, v in _flat(s, run_config_to_dict(c)[s]).items()} for c in (saved, now))
+    changes = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+               if k not in RESUME_FREE and old.get(k) != new.get(k)]
+    if saved_layout and saved_layout != now_layout:
+        changes.append(f"batch layout: {saved_layout['world_size']} process(es) × micro-batch {saved_layout['micro_batch_size']} "
+                       f"in the run, {now_layout['world_size']} × {now_layout['micro_batch_size']} now")
+    return changes
+
+
+def resume_from_checkpoint(run: TrainingRun, allow_changed: bool = False) -> None:
+    """Weights, EMA, optimizer, counters and RNG state of the run folder's latest checkpoint. The
+    model must be the run's; other settings that change the trajectory are refused unless
+    ``allow_changed`` (then listed)."""
+    ckpt = find_checkpoint(run.run_dir)
+    state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
+    check_same_model(saved_cfg, run.cfg, ckpt, run.run_dir)
+    ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+    changes = changed_settings(saved_cfg, run.cfg, ts.get("batch_layout", {}), batch_layout(run))
+    if changes and not allow_changed:
+        raise ValueError(f"cannot resume {ckpt} exactly, these settings differ from the run's: {'; '.join(changes)}. "
+                         f"Resume with the run's settings ({run.run_dir / 'config.yaml'}), or pass --allow-changed "
+                         f"to continue with the new ones")
+    if changes and run.dist.is_main:
+        print(f"resuming {ckpt} with changed settings (the run no longer continues exactly): {'; '.join(changes)}")
+    load_state_dict_checked(run.model, state, str(ckpt / "model.safetensors"))
+    load_state_dict_checked(run.ema, read_weights(ckpt / "ema.safetensors")[0], str(ckpt / "ema.safetensors"))
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.step, run.skipped_total, run.wall_before = ts["step"], ts.get("skipped_steps", 0), ts.get("wall_time", 0.0)
+    run.nonfinite_streak = ts.get("nonfinite_streak", 0)
+    set_rng_state(ts["rng"])
+
+
+def batch_layout(run: TrainingRun) -> dict:
+    return {"world_size": run.dist.world_size, "micro_batch_size": run.micro}
+
+
+# ------------------------------------------------------------------------------------ one step
+
+
+@dataclass
+class StepDraws:
+    """A step's draws for the whole global batch G from the stream seeded by (seed, step): data
+    indices (G,), timesteps (G,), noise (G, C, H, W), label drops (G,) bool, the tail-drop fraction."""
+
+    indices: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor
+    fraction: float
+
+
+def draw_step(run: TrainingRun) -> StepDraws:
+    tc, G = run.cfg.train, run.cfg.train.global_batch_size
+    g = step_generator(tc.seed, run.step)
+    indices = run.order.indices(run.step * G, G)
+    t = torch.randint(0, run.diffusion.num_timesteps, (G,), generator=g)
+    noise = torch.randn(G, *run.sample_shape, generator=g)
+    drop = torch.rand(G, generator=g) < run.cfg.model.class_dropout_prob
+    mb, fraction = tc.multi_budget, 0.0
+    if mb.fractions and run.step >= mb.start_step:
+        fraction = float(mb.fractions[int(torch.randint(len(mb.fractions), (1,), generator=g))])
+    return StepDraws(indices, t, noise, drop, fraction)
+
+
+@dataclass
+class MicroBatch:
+    """One process's share of the global batch for one forward pass (tensors on the device)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    drop: torch.Tensor  # (B,) long, 1 where the label becomes the null class
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def load_micro_batch(run: TrainingRun, draws: StepDraws, a: int) -> MicroBatch:
+    """Micro-batch ``a`` of this rank: global positions [(rank·accum + a)·micro, ... + micro). Each
+    sample's augmentation is seeded by (seed, step, its global position)."""
+    seed, dev = run.cfg.train.seed, run.device
+    lo = (run.dist.rank * run.accum + a) * run.micro
+    sl = slice(lo, lo + run.micro)
+    xs, ys = [], []
+    for j, i in zip(range(lo, lo + run.micro), draws.indices[sl].tolist()):
+        torch.manual_seed(seed * _MIX + run.step * 7919 + j)  # per-sample augmentation stream
+        x_j, y_j = run.dataset[i]
+        xs.append(x_j)
+        ys.append(int(y_j))
+    return MicroBatch(torch.stack(xs).to(dev), torch.tensor(ys).to(dev), draws.drop[sl].long().to(dev),
+                      draws.t[sl].to(dev), draws.noise[sl].to(dev))
+
+
+def model_terms(run: TrainingRun, batch: MicroBatch, fraction: float) -> tuple[dict, torch.Tensor]:
+    """The model's part of the loss under autocast: (the diffusion's terms — ``loss`` (B,), ``mse``,
+    ``vb``, ``aux`` the routing record —, the distillation loss). While upcycling distils (paper
+    §4.4) the terms' ``loss`` is the distillation loss."""
+    with autocast_for(run.device, run.cfg.train.mixed_precision):
+        if run.distilling:
+            x_t = run.diffusion.q_sample(batch.x, batch.t, noise=batch.noise)
+            d_loss, record = distillation_loss(run.ddp, run.teacher, x_t, batch.t, batch.y, fraction,
+                                               student_blocks=run.model.blocks, force_drop_ids=batch.drop)
+            return {"loss": d_loss[None], "mse": torch.zeros(1), "aux": record}, d_loss
+        # Label dropout for CFG was drawn from the step's stream; the model must not drop again.
+        kwargs = {"y": batch.y, "force_drop_ids": batch.drop, "tail_dropping_fraction": fraction}
+        terms = run.diffusion.training_losses(functools.partial(predict, run.ddp), batch.x, batch.t, model_kwargs=kwargs,
+                                              noise=batch.noise)
+        return terms, torch.zeros((), device=run.device)
+
+
+def loss_terms(run: TrainingRun, batch: MicroBatch, fraction: float) -> dict:
+    """One micro-batch's loss = diffusion (or distillation) + λ·ratio (DC-DiT, paper §3.3; N follows the
+    release's curriculum when set, docs/release.md) + the DyDiT FLOPs term (paper §4.5, docs/dydit.md).
+    Returns ``loss`` (0-d tensor) and its parts."""
+    tc, model_cfg = run.cfg.train, run.cfg.model
+    terms, d_loss = model_terms(run, batch, fraction)
+    diff_loss = terms["loss"].mean()
+    out = {"diffusion": diff_loss.detach(), "mse": terms["mse"].detach().mean(), "distill": d_loss.detach(),
+           "vb": terms["vb"].detach().mean() if "vb" in terms else None, "record": terms.get("aux")}
+    loss, record = diff_loss, terms.get("aux")
+    if record is not None:
+        target_n = curriculum_target_ratio(run.step, model_cfg.target_ratio, tc.target_ratio_start, tc.target_ratio_warmup_steps)
+        r_loss = ratio_loss(record, target_n, tc.ratio_batch_size)
+        loss, out["ratio"] = loss + tc.ratio_loss_weight * r_loss, r_loss.detach()
+        if record.dydit is not None:  # DyDiT: inner-block FLOPs toward the target λ
+            f_loss = dydit_flops_loss(record, model_cfg, flops_target(run.step, tc.dydit_warmup_steps, tc.dydit_target))
+            loss = loss + tc.dydit_loss_weight * f_loss
+            out["dydit_loss"], out["dydit_ratio"] = f_loss.detach(), dydit_flops_ratio(record, model_cfg).detach().mean()
+    out["loss"] = loss
+    return out
+
+
+def accumulate_gradients(run: TrainingRun, draws: StepDraws, logger: TrainLogger) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches (DDP syncs on the last one). Returns 1.0
+    when every micro-batch's loss was finite, else 0.0 (a 0-d tensor on the device)."""
+    tc, world = run.cfg.train, run.dist.world_size
+    loss_ok = torch.ones((), device=run.device)
+    for a in range(run.accum):
+        batch = load_micro_batch(run, draws, a)
+        sync = (a == run.accum - 1) or world == 1
+        with run.ddp.no_sync() if not sync else contextlib.nullcontext():
+            torch.manual_seed(tc.seed * _MIX + run.step * 7919 + tc.global_batch_size + run.dist.rank * run.accum + a)  # model-internal randomness
+            terms = loss_terms(run, batch, draws.fraction)
+            loss_ok = loss_ok * torch.isfinite(terms["loss"].detach()).float()
+            (terms["loss"] / run.accum).backward()
+        logger.add_micro_batch(terms, run.accum)
+    return loss_ok
+
+
+def optimizer_update(run: TrainingRun, loss_ok: torch.Tensor) -> tuple[bool, float]:
+    """Clip, then AdamW and EMA when the loss was finite on every rank and the gradient norm is finite;
+    otherwise the step is skipped. Returns (applied, gradient norm before clipping)."""
+    tc = run.cfg.train
+    D.all_reduce_(loss_ok, op=torch.distributed.ReduceOp.MIN if run.dist.world_size > 1 else None)
+    clip = tc.grad_clip if tc.grad_clip and tc.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
+    applied = bool(loss_ok) and math.isfinite(grad_norm)
+    if applied:
+        run.optimizer.step()
+        decay = min(tc.ema_decay, (1 + run.step) / (10 + run.step)) if tc.ema_warmup else tc.ema_decay
+        update_ema(run.ema, run.model, decay)
+    run.optimizer.zero_grad(set_to_none=True)
+    return applied, grad_norm
+
+
+# ------------------------------------------------------------------------------------ checkpoints and the loop
+
+
+class TrainingDiverged(ValueError):
+    """The run stopped because its loss or weights stopped being finite. A ValueError: a setting
+    (the learning rate, usually) causes it, and the message says which and what to do."""
+
+
+def _last_checkpoint(run: TrainingRun) -> str:
+    latest = run.run_dir / "checkpoints" / "latest"
+    return str(run.run_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else "none yet"
+
+
+def check_divergence(run: TrainingRun) -> None:
+    """``train.max_nonfinite_steps`` skipped steps in a row end the run (the same on every rank: the
+    skip decision is reduced over ranks)."""
+    limit = run.cfg.train.max_nonfinite_steps
+    if run.nonfinite_streak >= limit:
+        raise TrainingDiverged(
+            f"training diverged: steps {run.step - run.nonfinite_streak + 1}-{run.step} all had a non-finite loss or "
+            f"gradient norm (train.max_nonfinite_steps={limit}); the newest checkpoint ({_last_checkpoint(run)}) holds "
+            f"finite weights: resume it with a lower train.lr (now {run.cfg.train.lr:g}) and --allow-changed")
+
+
+def nonfinite_weights(run: TrainingRun) -> list[str]:
+    """Names of the model / EMA tensors holding a NaN or inf."""
+    return [f"{prefix}{name}" for prefix, module in (("", run.model), ("ema: ", run.ema))
+            for name, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def write_checkpoint(run: TrainingRun, seconds: float) -> Path:
+    """Rank 0 writes ``checkpoints/<step>`` (atomically, see dcdit.checkpoint); every rank waits for it.
+    Weights with a NaN or inf are never written: every rank checks its own (identical) copy first."""
+    bad = nonfinite_weights(run)
+    if bad:
+        raise TrainingDiverged(
+            f"step {run.step}: the weights hold non-finite values ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}), "
+            f"so no checkpoint was written; the newest checkpoint ({_last_checkpoint(run)}) is intact: resume it with "
+            f"a lower train.lr (now {run.cfg.train.lr:g}) and --allow-changed")
+    final = run.run_dir / "checkpoints" / f"{run.step:07d}"
+    if run.dist.is_main:
+        extra = {"skipped_steps": run.skipped_total, "nonfinite_streak": run.nonfinite_streak,
+                 "wall_time": run.wall_before + seconds, "batch_layout": batch_layout(run)}
+        final = save_checkpoint(run.run_dir, run.step, run.model, run.ema, run.optimizer, run.cfg, extra,
+                                keep_last=run.cfg.train.keep_last)
+    D.barrier()
+    return final
+
+
+def run_steps(run: TrainingRun, logger: TrainLogger, stop: StopSignals, t_start: float) -> None:
+    """Steps until ``train.steps``: the step's draws → forward/backward over the micro-batches →
+    optimizer and EMA update → a log row and a checkpoint when due → stop on divergence or a signal."""
+    tc = run.cfg.train
+    while run.step < tc.steps:
+        draws = draw_step(run)
+        applied, grad_norm = optimizer_update(run, accumulate_gradients(run, draws, logger))
+        run.skipped_total += not applied
+        run.nonfinite_streak = 0 if applied else run.nonfinite_streak + 1
+        logger.end_step(run.step, draws.fraction, grad_norm, applied)
+        run.step += 1
+        signum = stop.agreed(run.device)
+        if run.step % tc.log_every == 0 or run.step == tc.steps or run.step == 1 or signum:
+            logger.write(run.step, run.skipped_total, run.device)
+        check_divergence(run)
+        if run.step % tc.ckpt_every == 0 or run.step == tc.steps or signum:
+            checkpoint = write_checkpoint(run, time.time() - t_start)
+        if signum:
+            raise TrainingInterrupted(signum, run.step, checkpoint)
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, device: str | None = None, progress: bool = True,
+          allow_changed: bool = False) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``resume=True`` continues from its latest checkpoint (with
+    settings that change the trajectory only when ``allow_changed``).
+
+    Returns the summary also written to ``train_summary.json``. Raises :class:`TrainingDiverged`
+    when the loss or the weights stop being finite, and
+    :class:`~dcdit.preemption.TrainingInterrupted` after the checkpoint a SIGTERM / SIGINT asked for."""
+    run = setup_run(cfg, run_dir, resume, device, allow_changed)
+    tc = run.cfg.train
+    logger = TrainLogger(run.cfg, run.run_dir, run.dist, total_steps=tc.steps, start_step=run.step,
+                         resume_step=run.step if resume else None, progress=progress)
+    t_start = time.time()
+    run.model.train()
+    try:
+        with StopSignals() as stop:
+            run_steps(run, logger, stop, t_start)
+    except BaseException:
+        logger.close()
+        raise
+    return finish(run, logger, time.time() - t_start)
+
+
+def finish(run: TrainingRun, logger: TrainLogger, seconds: float) -> dict:
+    """The summary (``train_summary.json``), closed logs, and the process group torn down."""
+    logger.bar.close()
+    summary = {"step": run.step, "skipped_steps": run.skipped_total, "wall_time_s": run.wall_before + seconds,
+               "rank_param_max_abs_diff": rank_divergence(run.model), **logger.last}
+    if run.dist.is_main:
+        (run.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
     D.barrier()  # every rank done before the group goes away (a rank tearing down early can abort gloo)
     D.teardown()
     return summary
-
-
-def _log(step, acc: _Interval, ratios_nat, ratios_eff, fractions, skipped_total, csv_log, tb, wb, bar, dist_info, dev) -> dict:
-    n = max(acc.steps, 1)
-    means = torch.tensor([acc.loss, acc.diffusion, acc.mse, acc.vb, acc.ratio, acc.grad_norm, acc.distill,
-                          acc.dydit_loss, acc.dydit_ratio], device=dev) / n
-    D.all_reduce_(means)
-    means /= dist_info.world_size
-    row = {
-        "step": step,
-        "loss": float(means[0]), "diffusion_loss": float(means[1]), "mse": float(means[2]), "vb": float(means[3]),
-        "ratio_loss": float(means[4]), "grad_norm": float(means[5]), "distill_loss": float(means[6]),
-        "dydit_flops_loss": float(means[7]), "dydit_flops_ratio": float(means[8]),
-        "steps_per_s": acc.steps / max(time.time() - acc.t0, 1e-9),
-        "skipped_steps": skipped_total,
-        "tail_fraction": sum(fractions) / max(len(fractions), 1),
-    }
-    if ratios_nat:
-        nat = D.all_gather_cat(torch.cat(ratios_nat).to(dev)).float()
-        eff = D.all_gather_cat(torch.cat(ratios_eff).to(dev)).float()
-        row.update({
-            "compression_mean": float(nat.mean()), "compression_std": float(nat.std()) if nat.numel() > 1 else 0.0,
-            "compression_min": float(nat.min()), "compression_max": float(nat.max()),
-            "effective_compression_mean": float(eff.mean()),
-        })
-    if dist_info.is_main:
-        csv_log.write(row)
-        if tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    tb.add_scalar(f"train/{k}", v, step)
-        if wb is not None:
-            wb.log(row, step=step)
-        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        bar.write(msg)
-    return row

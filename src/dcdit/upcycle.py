@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_foreign_state_dict, load_state_dict_checked
-from .config import DCDiTConfig
+from .config import DCDiTConfig, RunConfig
 from .models.dcdit import DCDiT
 from .models.dit import DiT
 
@@ -177,6 +177,31 @@ def upcycle(dit: DiT, dc: DCDiTConfig) -> tuple[DCDiT, DCDiTConfig]:
     missing, unexpected = model.load_state_dict(copied, strict=False)
     assert not unexpected, unexpected
     return model, cfg
+
+
+@dataclass
+class UpcycledRun:
+    """What :func:`upcycle_run_config` made: the model (embedders frozen), the run config that
+    describes it (upcycled model section, ``train.upcycle.from_dit`` set), the DiT's load report,
+    the frozen parameter names and the number of block tensors copied."""
+
+    model: DCDiT
+    cfg: RunConfig
+    report: LoadReport
+    frozen: list[str]
+    copied_block_tensors: int
+
+
+def upcycle_run_config(cfg: RunConfig, dit_path: str | Path, num_heads: int | None = None) -> UpcycledRun:
+    """``dcdit upcycle``: load the DiT at ``dit_path``, upcycle it into ``cfg.model``, freeze the
+    embedders; ``cfg`` itself is not changed (the returned config is a new one)."""
+    dit, report = load_pretrained_dit(dit_path, num_heads=num_heads)
+    model, model_cfg = upcycle(dit, cfg.model)
+    up = dataclasses.replace(cfg.train.upcycle, from_dit=str(dit_path))
+    new_cfg = dataclasses.replace(cfg, model=model_cfg, train=dataclasses.replace(cfg.train, upcycle=up))
+    frozen = freeze_embedders(model)
+    copied = sum(k.startswith("blocks.") for k in model.state_dict())
+    return UpcycledRun(model, new_cfg, report, frozen, copied)
 
 
 def freeze_embedders(model: nn.Module) -> list[str]:

@@ -21,6 +21,7 @@ from .norms import stack_norm
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .dit import init_conditioning_and_gates, xavier_init_linears
 from .guidance import guide
+from .hub import HubMixin
 from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
 from .router import build_router
@@ -31,7 +32,7 @@ def straight_through(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach() + 1.0
 
 
-class DCDiT(nn.Module):
+class DCDiT(nn.Module, HubMixin):
     """x (B, C, H, W), t (B,), y (B,) -> (prediction (B, 2C, H, W), RoutingRecord)."""
 
     def __init__(

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .dit_block import DiTBlock, FinalLayer
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .guidance import guide
+from .hub import HubMixin
 from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
 
@@ -49,7 +50,7 @@ def init_conditioning_and_gates(model: nn.Module, label_embed_std: float = 0.02,
         nn.init.constant_(layer.bias, 0)
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, HubMixin):
     """x (B, C, H, W), t (B,), y (B,) -> (B, 2C, H, W) when ``learn_sigma`` (ε and variance), else (B, C, H, W).
 
     ``input_size`` is the latent grid (an int or (h, w)); both sides must be divisible by ``patch_size``.

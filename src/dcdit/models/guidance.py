@@ -1,8 +1,29 @@
-"""Classifier-free guidance on a model output whose batch is [conditional half; unconditional half]."""
+"""Classifier-free guidance (Ho & Salimans 2022) on a batch [conditional half; unconditional half].
+
+Everything guidance needs, in one place: the label batch with the null class, the per-sample
+tail-drop fractions of Lite-CFG, and the guided output. The model call that ties them together is
+:func:`dcdit.models.interface.predict_guided`.
+"""
 
 from __future__ import annotations
 
 import torch
+
+
+def cfg_labels(y: torch.Tensor, null_label: int) -> torch.Tensor:
+    """(B,) labels -> (2B,) [y; null]: the unconditional half gets the null class (index ``num_classes``)."""
+    return torch.cat([y, torch.full_like(y, null_label)])
+
+
+def lite_cfg_fractions(n: int, fraction: float, uncond_fraction: float | None, device) -> tuple[torch.Tensor, int]:
+    """Tail-drop fractions of a [cond; uncond] batch of 2n samples and the number of budget groups.
+
+    Lite-CFG gives the unconditional half its own (usually larger) fraction; the halves then keep very
+    different numbers of tokens and are padded separately (2 groups). ``uncond_fraction=None``: the
+    same fraction for both halves, one group."""
+    f_u = fraction if uncond_fraction is None else uncond_fraction
+    fractions = torch.tensor([fraction] * n + [f_u] * n, dtype=torch.float64, device=device)
+    return fractions, 1 if f_u == fraction else 2
 
 
 def guide(model_out: torch.Tensor, cfg_scale: float, eps_channels: int, guidance_channels: int | None = None):
