@@ -72,6 +72,10 @@ class DCDiTConfig:
     dydit_token_hidden_ratio: float = 0.0625  # token router hidden width = D · ratio (DyDiT: D/16)
     dydit_tau: float = 5.0  # Gumbel-sigmoid temperature (at threshold 0.5 it only scales the STE gradient)
     dydit_threshold: float = 0.5  # a gate is on when sigmoid((logit + noise) / tau) > threshold
+    # Inner network layout (models/packing.py): packed (real tokens of all samples in one sequence, time
+    # follows the mean kept count) or padded (the reference: every sample padded to the batch maximum;
+    # mask_padding: false always runs padded).
+    execution: str = "packed"
 
 
 ModelConfig = DiTConfig | DCDiTConfig
