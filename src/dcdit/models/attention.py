@@ -56,10 +56,9 @@ def padded_attention(qkv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.T
 
 def varlen_attention(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     """qkv (T, 3, heads, hd) packed by ``packing`` -> (T, heads, hd); each segment attends to itself."""
-    q, k, v = qkv.unbind(1)  # 3 × (T, heads, hd)
-    if use_flash(q):
-        return flash_varlen(q, k, v, packing)
-    return sdpa_per_segment(q, k, v, packing)
+    if use_flash(qkv):
+        return flash_varlen(*qkv.unbind(1), packing)
+    return sdpa_per_segment(qkv, packing)
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:
@@ -68,21 +67,21 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Pa
     return flash_attn_varlen_func(q, k, v, cu, cu, packing.max_len, packing.max_len)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(S, n, heads, hd) × 3 -> (S, n, heads, hd): S same-length sequences in one call."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    """(S, n, 3, heads, hd) -> (S, n, heads, hd): S same-length sequences in one call."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (S, heads, n, hd)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def sdpa_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:
-    """SDPA over every segment of (T, heads, hd) tensors; equal lengths share one batched call."""
-    sizes = packing.sizes
-    if len(set(sizes)) == len(sizes):  # all lengths differ: one call per segment, in order
-        parts = zip(q.split(sizes), k.split(sizes), v.split(sizes))
-        return torch.cat([_sdpa(a[None], b[None], c[None])[0] for a, b, c in parts])
-    out = []
-    for n, tokens in packing.equal_length_groups():
-        a, b, c = (x.index_select(0, tokens).unflatten(0, (-1, n)) for x in (q, k, v))
-        out.append(_sdpa(a, b, c).flatten(0, 1))
-    order = torch.cat([tokens for _, tokens in packing.equal_length_groups()])
-    return torch.cat(out).index_select(0, torch.argsort(order))
+def sdpa_per_segment(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
+    """SDPA over every segment of a packed (T, 3, heads, hd) tensor -> (T, heads, hd).
+
+    Segments of equal length share one batched call: the rows are permuted once so that every
+    length's segments are adjacent (one gather forward, one scatter backward — per-group gathers
+    would write a full-size gradient per group), and the outputs are permuted back."""
+    if packing.all_lengths_differ:
+        return torch.cat([_sdpa(seg[None])[0] for seg in qkv.split(packing.sizes)])
+    order, inverse, groups = packing.length_order()
+    parts = qkv.index_select(0, order).split([k * n for n, k in groups])
+    out = torch.cat([_sdpa(part.unflatten(0, (k, n))).flatten(0, 1) for part, (n, k) in zip(parts, groups)])
+    return out.index_select(0, inverse)

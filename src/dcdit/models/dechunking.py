@@ -145,7 +145,7 @@ class DeChunk(nn.Module):
         cells = record.packed_index  # (T,) flat index b·L + l of every packed token
         p = record.p.reshape(-1)[cells].clamp(1e-4, 1 - 1e-4)[:, None]  # (T, 1)
         src = torch.cat([p * z, p], dim=1)  # numerator and denominator sources, (T, D + 1)
-        grid = src.new_zeros(B * L, src.shape[1]).index_copy(0, cells, src)
+        grid = src.new_zeros(B * L, src.shape[1]).index_copy_(0, cells, src)  # in place: no second grid
         blurred = separable_blur(grid.view(B, *record.grid, -1), self.sigma).reshape(B * L, -1)[cells]
         h_tilde = blurred[:, :-1] / blurred[:, -1:]  # the own cell's weight p_i > 0 keeps it finite
         return p * z + (1 - p) * h_tilde

@@ -60,7 +60,7 @@ class Packing:
     sizes: tuple[int, ...]
     cu_seqlens: torch.Tensor
     seg_ids: torch.Tensor
-    _groups: list | None = field(default=None, repr=False)
+    _length_order: tuple | None = field(default=None, repr=False)
 
     @staticmethod
     def from_counts(counts: torch.Tensor) -> "Packing":
@@ -97,18 +97,24 @@ class Packing:
         """(T,) bool, all True: a packed sequence has no padding."""
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
 
-    def equal_length_groups(self) -> list[tuple[int, torch.Tensor]]:
-        """[(n, rows (k·n,) long)]: the rows of the k segments of each length n, segment by segment."""
-        if self._groups is None:
+    @property
+    def all_lengths_differ(self) -> bool:
+        return len(set(self.sizes)) == len(self.sizes)
+
+    def length_order(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Rows regrouped by segment length: (order (T,) with the k segments of each length n back to
+        back, its inverse permutation, [(n, k)] in that order)."""
+        if self._length_order is None:
             starts = self.cu_seqlens[:-1].long()
             by_len: dict[int, list[int]] = {}
             for b, n in enumerate(self.sizes):
                 by_len.setdefault(n, []).append(b)
-            self._groups = []
-            for n, segs in by_len.items():
-                first = starts[torch.tensor(segs, device=starts.device)]
-                self._groups.append((n, (first[:, None] + torch.arange(n, device=starts.device)).reshape(-1)))
-        return self._groups
+            dev = starts.device
+            rows = [(starts[torch.tensor(segs, device=dev)][:, None] + torch.arange(n, device=dev)).reshape(-1)
+                    for n, segs in by_len.items()]
+            order = torch.cat(rows)
+            self._length_order = (order, torch.argsort(order), [(n, len(segs)) for n, segs in by_len.items()])
+        return self._length_order
 
     def select(self, rows: torch.Tensor) -> tuple[torch.Tensor, "Packing"]:
         """The samples ``rows`` (ascending): (their packed row positions (T',), their packing)."""
