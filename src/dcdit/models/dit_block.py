@@ -73,7 +73,9 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: Layout = None) -> torch.Tensor:
         """x (B, M, D) or packed (T, D), c (B, D) -> the shape of x."""
         layout = as_layout(layout)
-        mods = layout.per_token(self.adaLN_modulation(c)).chunk(6, dim=-1)  # 6 × (B, 1, D) or (T, D)
+        # 6 × (B, 1, D) or (T, D); expanded chunk by chunk: contiguous operands make the elementwise
+        # ops and the backward's segment sums ~1.7× faster than chunks of one (T, 6D) tensor (measured)
+        mods = [layout.per_token(v) for v in self.adaLN_modulation(c).chunk(6, dim=1)]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, layout)
         x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
