@@ -392,11 +392,13 @@ def bench_sampling(bench: Bench) -> list[dict]:
             rows.append(dict(prev, model=label, role=role, note=f"same model as {prev['model']}"))
             continue
         rows.append(sampling_run(bench, label, model, cfg, role))
-    for ex, model in bench.dc_models.items():
-        cfg = dataclasses.replace(bench.dc_cfg, execution=ex)
-        for f in a.fractions:
-            rows.append(sampling_run(bench, f"DC-DiT {ex} f={f:g}", model, cfg, "dcdit", f))
-        rows.append(sampling_run(bench, f"DC-DiT {ex} Lite {f_c:g}/{f_u:g}", model, cfg, "lite", f_c, f_u))
+    # one run per setting (too long to repeat), the executions alternating so that a change in the
+    # machine's load falls on both
+    settings = [(f"f={f:g}", "dcdit", f, None) for f in a.fractions] + [(f"Lite {f_c:g}/{f_u:g}", "lite", f_c, f_u)]
+    for name, role, fc, fu in settings:
+        for ex, model in bench.dc_models.items():
+            cfg = dataclasses.replace(bench.dc_cfg, execution=ex)
+            rows.append(sampling_run(bench, f"DC-DiT {ex} {name}", model, cfg, role, fc, fu))
     for r in rows:
         r["time_ratio"] = r["sec"] / rows[0]["sec"]
         r["flop_ratio"] = r["gmacs_per_forward"] / rows[0]["gmacs_per_forward"]
