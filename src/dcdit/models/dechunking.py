@@ -81,9 +81,10 @@ def gaussian_factor(n: int, sigma: float, device=None) -> torch.Tensor:
 def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C): out[r, c] = Σ_{r', c'} G[r, r'] G[c, c'] x[r', c'].
 
-    Rows then columns, each one batched matmul with the (dense, truncated) kernel matrix: on this
-    CPU two GEMMs beat a banded form (17 shifted adds per axis) by far, as long as the grid side is
-    a small multiple of the kernel width (docs/benchmarks.md, "De-chunk on the grid")."""
+    Rows then columns, each one batched matmul with the (dense, truncated) kernel matrix. The passes
+    are memory-bound (K = W or H multiply-adds per value read); a variant that skips the empty cells of
+    the first pass (rows padded to their kept count) measured no faster on the 2-core CPU
+    (docs/benchmarks.md, "De-chunk on the grid")."""
     B, H, W, C = x.shape
     x = torch.matmul(gaussian_factor(W, sigma, x.device), x.reshape(B * H, W, C))  # along each row
     x = torch.matmul(gaussian_factor(H, sigma, x.device), x.reshape(B, H, W * C))  # along each column
@@ -120,9 +121,10 @@ class DeChunk(nn.Module):
     tokens of all samples in raster order, sample after sample: the grid form) or padded (B, M, D)
     in the record's slots (the direct form)."""
 
-    def __init__(self, sigma: float = 1.0):
+    def __init__(self, sigma: float = 1.0, eps: float = 0.0):
         super().__init__()
         self.sigma = sigma
+        self.eps = eps  # added to every row's weight sum; the release adds 1e-8
 
     def smooth(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Gaussian smoothing over the real kept tokens: (B, M, D) -> (B, M, D)."""
@@ -135,7 +137,7 @@ class DeChunk(nn.Module):
         w = w * real[:, None, :]  # padding slots are not sources
         # A real row always has W_ii = p_i > 0. A padding row (never read by plug-back) may underflow
         # to an all-zero row: add 1 to its denominator so no 0/0 reaches the backward pass.
-        w = w / (w.sum(-1, keepdim=True) + (~real)[..., None])
+        w = w / (w.sum(-1, keepdim=True) + (~real)[..., None] + self.eps)
         h_tilde = torch.bmm(w, z)
         return p[..., None] * z + (1 - p[..., None]) * h_tilde
 
@@ -147,7 +149,7 @@ class DeChunk(nn.Module):
         src = torch.cat([p * z, p], dim=1)  # numerator and denominator sources, (T, D + 1)
         grid = src.new_zeros(B * L, src.shape[1]).index_copy_(0, cells, src)  # in place: no second grid
         blurred = separable_blur(grid.view(B, *record.grid, -1), self.sigma).reshape(B * L, -1)[cells]
-        h_tilde = blurred[:, :-1] / blurred[:, -1:]  # the own cell's weight p_i > 0 keeps it finite
+        h_tilde = blurred[:, :-1] / (blurred[:, -1:] + self.eps)  # the own cell's weight p_i > 0 keeps it finite
         return p * z + (1 - p) * h_tilde
 
     def plug_back(self, out: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
