@@ -329,3 +329,14 @@ def test_gaussian_factor_is_the_truncated_kernel():
             want = math.exp(-((a - b) ** 2) / 2) if (a - b) ** 2 / 2 <= 30 else 0.0
             assert G[a, b].item() == pytest.approx(want, rel=1e-6, abs=0)
     assert G[0, 7] > 0 and G[0, 8] == 0
+
+
+def test_grid_form_adds_dechunk_eps_like_the_direct_form():
+    """``dechunk_eps`` (the release's 1e-8) enters both forms' weight sums: a large eps makes the
+    difference visible, so a grid form that ignored it would fail."""
+    rec = random_record(2, (6, 7), 9, seed=3)
+    z = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(2))
+    direct = DeChunk(1.0, eps=0.5)(z, rec)
+    grid = DeChunk(1.0, eps=0.5)(z.reshape(-1, 4), rec)
+    torch.testing.assert_close(grid, direct, atol=1e-6, rtol=1e-6)
+    assert (grid - DeChunk(1.0)(z.reshape(-1, 4), rec)).abs().max() > 1e-3
