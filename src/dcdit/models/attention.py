@@ -14,10 +14,10 @@
     Measured on the 2-core CPU, forward + backward (``benchmarks/bench_varlen_attention.py``,
     docs/benchmarks.md): per-segment SDPA beats the padded masked SDPA (it computes no padded row and
     runs the unmasked CPU flash kernel), nested jagged tensors (no fused CPU kernel: SDPA falls back to
-    a per-sample math path, 5–10× slower) and one block-diagonal mask (O(T²) work, B× too much).
+    a per-sample math path, 5–12× slower) and one block-diagonal mask (O(T²) work, B× too much).
     The segments are cut with ``split`` rather than slicing: the backward of B slices writes B
-    full-size zero gradients, that of one split a single concatenation (MNIST shapes, backward
-    129 ms → 82 ms).
+    full-size zero gradients, that of one split a single concatenation (MNIST shapes, forward +
+    backward 129 ms → 82 ms).
 """
 
 from __future__ import annotations
