@@ -44,8 +44,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import dcdit
-from common import (DYNAMIC, PHASES, PhaseTimer, interleaved, machine_info, make_sync, mean_components, median, no_gc,
-                    phase_flops, print_machine, timed)
+from common import (DYNAMIC, PHASES, PhaseTimer, in_execution, interleaved, machine_info, make_sync, mean_components,
+                    median, no_gc, phase_flops, print_machine, timed)
 from dcdit.baselines import isoflop_dit, isoparam_dit
 from dcdit.config import DCDiTConfig, DiTConfig, build_model, count_parameters, get_preset, model_config_to_dict
 from dcdit.flops import dcdit_macs, dit_macs, sampling_flops
@@ -148,14 +148,6 @@ def load_dcdit(args, device) -> tuple[nn.Module, DCDiTConfig, str]:
             f"(an untrained cosine router keeps almost nothing); chunk / de-chunk / residual are exactly the "
             f"trained model's machinery")
     return model, cfg, note
-
-
-def in_execution(model: nn.Module, execution: str) -> nn.Module:
-    """The same DC-DiT (shared parameters) running in another execution."""
-    other = copy.copy(model)
-    other._modules = dict(model._modules)
-    other.execution = execution
-    return other
 
 
 def dit2_config(dc: DCDiTConfig) -> DiTConfig:
@@ -478,17 +470,23 @@ def print_breakdown(res) -> None:
                                     for b in first))
 
 
+def print_cfg_table(rows, columns) -> None:
+    """Rows of a guided table: model, kept cond/uncond, then ``columns`` [(title, key, width, format)], seconds and ratios."""
+    hdr = f"{'model':<36}{'kept c/u':>13}" + "".join(f"{t:>{w}}" for t, _, w, _ in columns) + f"   {'time / FLOP vs DiT/2':>21}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        kept = f"{r['kept_cond']:.0f}/{r['kept_uncond']:.0f}" if "kept_cond" in r else "-"
+        print(f"{r['model']:<36}{kept:>13}" + "".join(f"{r[k]:>{w}{f}}" for _, k, w, f in columns)
+              + f"   {_fmt_ratio(r['time_ratio'], r['flop_ratio']):>21}")
+
+
 def print_guided(res, bench) -> None:
     B = bench.B
     print(f"\n[3] guided forward (batch {2 * B} = {B} cond + {B} uncond, cfg {bench.args.cfg_scale:g}); GMACs per image per "
           f"guided step (cond + uncond)")
-    hdr = f"{'model':<36}{'kept c/u':>13}{'GMACs':>8}{'GMACs@M':>9}{'s/fwd':>9}   {'time / FLOP vs DiT/2':>21}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in res["guided_forward"]:
-        kept = f"{r['kept_cond']:.0f}/{r['kept_uncond']:.0f}" if "kept_cond" in r else "-"
-        print(f"{r['model']:<36}{kept:>13}{r['gmacs']:>8.3f}{r['gmacs_padded']:>9.3f}{r['sec']:>9.4f}   "
-              f"{_fmt_ratio(r['time_ratio'], r['flop_ratio']):>21}")
+    print_cfg_table(res["guided_forward"], [("GMACs", "gmacs", 8, ".3f"), ("GMACs@M", "gmacs_padded", 9, ".3f"),
+                                            ("s/fwd", "sec", 9, ".4f")])
     eq = res["guided_forward"][-1].get("equivalence_check")
     if eq:
         print(f"    Lite-CFG, packed vs padded: max |Δ| = {eq['max_abs_diff']:.1e} (outputs up to {eq['max_abs_output']:.1e}"
@@ -500,13 +498,8 @@ def print_sampling(res, bench) -> None:
     a = bench.args
     print(f"\n[4] sampling: DDIM {a.sampling_steps} steps, cfg {a.cfg_scale:g}, {bench.B} images (batch {2 * bench.B} per "
           f"step); GMACs per image per forward (mean of cond and uncond); TFLOPs per image for this run")
-    hdr = f"{'model':<36}{'kept c/u':>13}{'GMACs':>8}{'TFLOP/img':>10}{'s/run':>9}   {'time / FLOP vs DiT/2':>21}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in res["sampling"]:
-        kept = f"{r['kept_cond']:.0f}/{r['kept_uncond']:.0f}" if "kept_cond" in r else "-"
-        print(f"{r['model']:<36}{kept:>13}{r['gmacs_per_forward']:>8.3f}{r['tflops_per_image']:>10.4f}{r['sec']:>9.2f}"
-              f"   {_fmt_ratio(r['time_ratio'], r['flop_ratio']):>21}")
+    print_cfg_table(res["sampling"], [("GMACs", "gmacs_per_forward", 8, ".3f"), ("TFLOP/img", "tflops_per_image", 10, ".4f"),
+                                      ("s/run", "sec", 9, ".2f")])
 
 
 def print_report(res, bench) -> None:

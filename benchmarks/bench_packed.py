@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from common import DYNAMIC, PHASES, PhaseTimer, interleaved, machine_info, mean_components, median, no_gc, phase_flops, print_machine
+from common import (DYNAMIC, PHASES, PhaseTimer, in_execution, interleaved, machine_info, mean_components, median, no_gc,
+                    phase_flops, print_machine)
 from dcdit.baselines import build_baselines, isoparam_dit
 from dcdit.config import DCDiTConfig, build_model, load_run_config
 from dcdit.diffusion import create_diffusion
@@ -56,20 +56,10 @@ def spread_config(tiny: bool) -> DCDiTConfig:
                        router="random", target_ratio=4.0)
 
 
-def with_execution(model, execution: str):
-    """The same DC-DiT (shared weights) in another execution: a shallow copy with the attribute set."""
-    import copy
-
-    other = copy.copy(model)
-    other._modules = dict(model._modules)
-    other.execution = execution
-    return other
-
-
 def dcdit_pair(cfg: DCDiTConfig, seed: int):
     torch.manual_seed(seed)
     packed = build_model(dataclasses.replace(cfg, execution="packed")).eval()
-    return {"packed": packed, "padded": with_execution(packed, "padded")}
+    return {"packed": packed, "padded": in_execution(packed, "padded")}
 
 
 def mean_macs(cfg: DCDiTConfig, execution: str, counts: list[int]) -> float:
@@ -172,7 +162,7 @@ def training_models(args):
     packed.execution = "packed"
     iso = build_baselines(run_cfg)["isoflop"]["config"]
     torch.manual_seed(args.seed)
-    return {"DC-DiT packed": (packed, dc_cfg), "DC-DiT padded": (with_execution(packed, "padded"), dc_cfg),
+    return {"DC-DiT packed": (packed, dc_cfg), "DC-DiT padded": (in_execution(packed, "padded"), dc_cfg),
             "isoflop DiT/2": (build_model(iso), iso)}
 
 

@@ -75,6 +75,16 @@ def print_machine(info: dict) -> None:
         print(f"load average at start: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}{busy}")
 
 
+def in_execution(model, execution: str):
+    """The same DC-DiT (shared parameters) running in another ``model.execution``: a shallow copy."""
+    import copy
+
+    other = copy.copy(model)
+    other._modules = dict(model._modules)
+    other.execution = execution
+    return other
+
+
 def make_sync(device: torch.device):
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
