@@ -1,31 +1,34 @@
 #!/usr/bin/env python
-"""Speed benchmark: de-chunking (paper §3.4) forward + backward, against the same formula computed
-with every Gaussian weight evaluated.
+"""Speed benchmark: de-chunking (paper §3.4) forward + backward in its three forms, in one run.
 
-The M×M Gaussian weights exp(−d²/2σ²) of tokens far apart on the grid underflow to denormal floats,
-on which CPU exp and matmul kernels run 5–20× slower. ``DeChunk`` sets weights below exp(−60) to
-exactly 0 (no float32 result changes, see ``dcdit.models.dechunking``); ``dense`` is the same code
-without that cut, as the authors' release computes it. Both run on the same routing record (random
-kept tokens in raster order) and the benchmark checks that their outputs agree before timing.
+* ``dense``: the direct formula with every Gaussian weight evaluated, as the authors' release
+  computes it (far weights underflow to denormal floats, on which CPU exp and matmul run 5–20× slower);
+* ``direct``: ``DeChunk`` on padded slots (B, M, D) — the padded execution's form: (M, M) weights
+  with those below exp(−60) set to exactly 0, and the (L, M) distance table for the plug-back;
+* ``grid``: ``DeChunk`` on packed tokens (T, D) — the packed execution's form: separable blur on the
+  grid (two matmuls) and the two-pass nearest-kept-cell search.
 
-    python benchmarks/bench_dechunk.py                 # MNIST demo shapes: B=32, 32×32 grid, M=256, D=96
-    python benchmarks/bench_dechunk.py --hidden 768 --batch 8   # DC-DiT-B/N4 at ImageNet 256² (32×32 latent)
+All three run on the same routing record (every sample keeps M random tokens, in raster order);
+the benchmark checks that they agree before timing, then times them interleaved (median of rounds).
+
+    python benchmarks/bench_dechunk.py                                  # 64×64 latent (512 px), B 2, M 1024, D 1152
+    python benchmarks/bench_dechunk.py --grid 64 --sigma 2              # the same at σ = 2 (the 512 px setting)
+    python benchmarks/bench_dechunk.py --batch 32 --grid 32 --tokens 330 --hidden 96   # MNIST training shapes
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from common import interleaved, median
 from dcdit.models.chunking import RoutingRecord, gather_tokens
 from dcdit.models.dechunking import DeChunk, grid_coords, nearest_kept_slot, squared_distances
 
 
 def dense_dechunk(z: torch.Tensor, record: RoutingRecord, sigma: float) -> torch.Tensor:
-    """The de-chunk formula with every weight evaluated (denormals included): the baseline."""
+    """The de-chunk formula with every weight evaluated (denormals included): the release's form."""
     p = record.p.gather(1, record.kept_idx).clamp(1e-4, 1 - 1e-4)
     pos = grid_coords(record.kept_idx, record.grid)
     w = torch.exp(-squared_distances(pos, pos) / (2 * sigma**2)) * p[:, None, :] * record.slot_mask[:, None, :]
@@ -42,40 +45,46 @@ def random_record(B: int, grid: int, M: int, seed: int) -> RoutingRecord:
     return RoutingRecord(torch.rand(B, L, generator=g), mask, mask.clone(), kept, torch.full((B,), M), (grid, grid))
 
 
-def time_fwd_bwd(fn, z: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):
+def fwd_bwd(fn, z: torch.Tensor):
+    def run():
         zz = z.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        fn(zz).square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first run warms up
+        fn(zz).sum().backward()  # a constant output gradient: the benchmark adds no (B, L, D) work of its own
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--grid", type=int, default=32, help="grid side (L = grid²)")
-    ap.add_argument("--tokens", type=int, default=256, help="kept tokens per sample (M)")
-    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--grid", type=int, default=64, help="grid side (L = grid²)")
+    ap.add_argument("--tokens", type=int, default=1024, help="kept tokens per sample (M)")
+    ap.add_argument("--hidden", type=int, default=1152)
     ap.add_argument("--sigma", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=["dense", "direct", "grid"], choices=["dense", "direct", "grid"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     record = random_record(args.batch, args.grid, args.tokens, seed=0)
     z = torch.randn(args.batch, args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
-    ours = DeChunk(args.sigma)
-    torch.testing.assert_close(ours(z, record), dense_dechunk(z, record, args.sigma), atol=1e-6, rtol=1e-5)
-
-    dense_s = time_fwd_bwd(lambda zz: dense_dechunk(zz, record, args.sigma), z, args.repeats)
-    ours_s = time_fwd_bwd(lambda zz: ours(zz, record), z, args.repeats)
-    print(f"de-chunk fwd+bwd, B={args.batch}, grid {args.grid}², M={args.tokens}, D={args.hidden}, "
-          f"σ={args.sigma}, {torch.get_num_threads()} thread(s); outputs agree")
-    print(f"{'variant':<28}{'median s':>10}{'vs dense':>10}")
-    print(f"{'dense (every weight)':<28}{dense_s:>10.4f}{1.0:>10.2f}")
-    print(f"{'DeChunk (cut below e^-60)':<28}{ours_s:>10.4f}{ours_s / dense_s:>10.2f}")
+    dechunk = DeChunk(args.sigma)
+    forms = {
+        "dense": lambda zz: dense_dechunk(zz, record, args.sigma),
+        "direct": lambda zz: dechunk(zz, record),
+        "grid": lambda zz: dechunk(zz.reshape(-1, args.hidden), record),  # every slot is real: packed = flattened
+    }
+    forms = {k: forms[k] for k in args.variants}
+    outs = {k: f(z) for k, f in forms.items()}
+    ref = next(iter(outs.values()))
+    for k, out in outs.items():
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), f"{k} disagrees with {next(iter(outs))}"
+    secs, _ = interleaved({k: fwd_bwd(f, z) for k, f in forms.items()}, args.rounds, 1)
+    base = median(secs[args.variants[0]])
+    print(f"de-chunk fwd+bwd, B={args.batch}, grid {args.grid}², M={args.tokens}, D={args.hidden}, σ={args.sigma}, "
+          f"{torch.get_num_threads()} thread(s); outputs agree; median of {args.rounds} interleaved rounds")
+    print(f"{'form':<10}{'median s':>10}{'vs ' + args.variants[0]:>12}")
+    for k in forms:
+        print(f"{k:<10}{median(secs[k]):>10.4f}{median(secs[k]) / base:>12.2f}")
 
 
 if __name__ == "__main__":

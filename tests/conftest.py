@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dcdit.config import build_model
+from dcdit.models.dydit import DynamicDiTBlock
 
 TINY_DCDIT = dict(
     arch="dcdit", input_size=8, in_channels=1, hidden_size=64, depth=2, num_heads=4,
@@ -57,6 +58,21 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05, router_noise:
     return model
 
 
+def mix_dydit_routers_(model: nn.Module, seed: int = 0, width_scale: float = 20.0, token_scale: float = 3.0) -> None:
+    """DyDiT router weights that give mixed head/group/token masks that depend on t and on the token."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.modules():
+            if not isinstance(block, DynamicDiTBlock):
+                continue
+            for r in (block.attn_router, block.mlp_router):
+                r.weight.copy_(torch.randn(r.weight.shape, generator=g) * width_scale)
+                r.bias.copy_(torch.randn(r.bias.shape, generator=g) * 0.3)
+            tr = block.token_router
+            tr[2].weight.copy_(torch.randn(tr[2].weight.shape, generator=g) * token_scale)
+            tr[2].bias.zero_()
+
+
 def tiny_inputs(batch: int, channels: int = 1, grid=(8, 8), num_classes: int = 10, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *grid, generator=g)
@@ -89,5 +105,5 @@ def helpers():
 
     return SimpleNamespace(
         TINY_DCDIT=TINY_DCDIT, TINY_DIT=TINY_DIT, make_model=make_model, randomize_=randomize_,
-        tiny_inputs=tiny_inputs,
+        tiny_inputs=tiny_inputs, mix_dydit_routers_=mix_dydit_routers_,
     )

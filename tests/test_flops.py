@@ -56,7 +56,8 @@ def test_tflops_per_image_of_dit_xl2_matches_dc_dit_paper_convention():
 
 TINY_DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 TINY_DC = DCDiTConfig(input_size=(4, 6), in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
-                      conv_norm_groups=8)  # d = 32 / 4 = 8, L = 24
+                      conv_norm_groups=8)  # d = 32 / 4 = 8, L = 24; packed execution (the default)
+TINY_DC_PADDED = dataclasses.replace(TINY_DC, execution="padded")
 
 
 def test_tiny_dit_by_hand():
@@ -93,16 +94,20 @@ def test_tiny_dcdit_by_hand():
         "blocks.attention_matmul": 2 * M * M * D,  # 1600
         "blocks.mlp": 8 * D * D * M,  # 40960
         "blocks.adaLN": 6 * D * D,  # 6144
-        "dechunk.smoothing": 2 * M * M + M * M * D,  # 50 + 800
-        "dechunk.plug_back": 2 * L * M,  # 240
+        "dechunk.smoothing": 4 * 6 * (4 + 6) * (D + 1),  # the grid blur: rows (6×6) + columns (4×4), D + 1 channels
+        "dechunk.plug_back": 0,  # an integer nearest-neighbour search
         "residual_proj": D * D * L,  # 24576
         "decoder": dec_block1 + dec_block2,  # 75520 + 27904
         "final_layer": D * 2 * d + L * d * C_out,  # 512 + 1536
     }
     b = dcdit_macs(TINY_DC, M)
     assert b.components == expected
-    assert b.total == 376706
+    assert b.total == 383536
     assert b.total == sum(expected.values())
+    # the padded reference's direct de-chunk: M×M distances and weights, L×M plug-back distances
+    padded = dict(expected, **{"dechunk.smoothing": 2 * M * M + M * M * D, "dechunk.plug_back": 2 * L * M})  # 850, 240
+    assert dcdit_macs(TINY_DC_PADDED, M).components == padded
+    assert dcdit_macs(TINY_DC_PADDED, M).total == 376706
 
 
 def test_routers_by_hand():
@@ -112,19 +117,22 @@ def test_routers_by_hand():
     assert pred == D * r * L + 9 * r * r * L + 9 * r * r * L + r * L
 
 
-# Closed form of the tiny DC-DiT: MACs(M) = A + B·M + Q·M² (from the hand count above).
-A = 6912 + 9216 + 103424 + 56832 + 6144 + 24576 + 103424 + 2048  # M-independent
-B = 4 * 32 * 32 + 8 * 32 * 32 + 2 * 24  # attention linears, MLP, plug-back distances
-Q = 2 * 32 + 2 + 32  # attention matmuls, smoothing distances, smoothing weights
+# Closed form of the tiny DC-DiT: MACs(M) = A + B·M + Q·M² (from the hand count above), packed execution.
+A = 6912 + 9216 + 103424 + 56832 + 6144 + 24576 + 103424 + 2048 + 7920  # M-independent, the grid blur included
+B = 4 * 32 * 32 + 8 * 32 * 32  # attention linears, MLP
+Q = 2 * 32  # attention matmuls
 
 
-def tiny_closed_form(M):
+def tiny_closed_form(M, padded: bool = False):
+    if padded:  # the direct de-chunk instead of the grid blur: plug-back distances, smoothing distances and weights
+        return A - 7920 + (B + 2 * 24) * M + (Q + 2 + 32) * M * M
     return A + B * M + Q * M * M
 
 
 def test_closed_form_and_float_budget():
     for M in (1, 5, 24):
         assert dcdit_macs(TINY_DC, M).total == tiny_closed_form(M)
+        assert dcdit_macs(TINY_DC_PADDED, M).total == tiny_closed_form(M, padded=True)
     assert dcdit_macs(TINY_DC, 5.5).total == pytest.approx(tiny_closed_form(5.5))
     with pytest.raises(ValueError):
         dcdit_macs(TINY_DC, 0)
@@ -160,6 +168,7 @@ class MacMeter:
         self.stack: list[str] = []
         self.attn_lengths: list[int] = []
         self.bmm_shapes: list[tuple] = []
+        self.matmul_shapes: list[tuple] = []
         self.handles = []
         for name, mod in model.named_modules():
             if not name:
@@ -180,6 +189,7 @@ class MacMeter:
         monkeypatch.setattr(F, "conv2d", functional(F.conv2d, lambda o, x, w, *a, **k: o.numel() * w[0].numel()))
         monkeypatch.setattr(F, "linear", functional(F.linear, lambda o, x, w, *a, **k: o.numel() * w.shape[1]))
         monkeypatch.setattr(torch, "bmm", functional(torch.bmm, self._bmm))
+        monkeypatch.setattr(torch, "matmul", functional(torch.matmul, self._matmul))
         monkeypatch.setattr(F, "scaled_dot_product_attention",
                             functional(F.scaled_dot_product_attention, self._sdpa))
 
@@ -197,6 +207,10 @@ class MacMeter:
     def _bmm(self, out, a, b):
         self.bmm_shapes.append((tuple(a.shape), tuple(b.shape)))
         return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+    def _matmul(self, out, a, b):
+        self.matmul_shapes.append((tuple(a.shape), tuple(b.shape)))
+        return out.numel() * a.shape[-1]
 
     def _sdpa(self, out, q, k, v, *args, **kwargs):
         self.attn_lengths.append(q.shape[-2])
@@ -231,7 +245,7 @@ class MacMeter:
 def expected_measurable(b, dechunk_as_one: bool = True) -> dict:
     comps = {k: v for k, v in b.components.items() if v}
     if dechunk_as_one and "dechunk.smoothing" in comps:
-        comps["dechunk"] = comps.pop("dechunk.smoothing") + comps.pop("dechunk.plug_back")
+        comps["dechunk"] = comps.pop("dechunk.smoothing") + comps.pop("dechunk.plug_back", 0)
     return comps
 
 
@@ -247,10 +261,11 @@ def test_dit_counter_matches_measured_model(monkeypatch):
     assert meter.components() == expected_measurable(dit_macs(cfg))
 
 
-@pytest.mark.parametrize("router, fraction", [("random", 0.0), ("cosine", 0.0), ("cosine", 0.5),
-                                               ("predictability", 0.3)])
-def test_dcdit_counter_matches_measured_model(monkeypatch, helpers, router, fraction):
-    cfg = dataclasses.replace(TINY_DC, router=router, depth=2, target_ratio=3.0)
+@pytest.mark.parametrize("router, fraction, execution", [
+    ("random", 0.0, "padded"), ("cosine", 0.0, "padded"), ("cosine", 0.5, "padded"), ("predictability", 0.3, "padded"),
+    ("random", 0.0, "packed"), ("cosine", 0.5, "packed"), ("predictability", 0.3, "packed")])
+def test_dcdit_counter_matches_measured_model(monkeypatch, helpers, router, fraction, execution):
+    cfg = dataclasses.replace(TINY_DC, router=router, depth=2, target_ratio=3.0, execution=execution)
     torch.manual_seed(0)
     model = helpers.randomize_(build_model(cfg)).eval()  # live router: several tokens kept
     meter = MacMeter(model, monkeypatch)
@@ -262,9 +277,11 @@ def test_dcdit_counter_matches_measured_model(monkeypatch, helpers, router, frac
     assert 1 < M < 24
     assert meter.attn_lengths == [M, M]
     L, D = 24, 32
-    # The de-chunk's three matmuls: M×M distances, M×M weights on D channels, L×M plug-back distances.
-    assert sorted(meter.bmm_shapes) == sorted([((1, M, 2), (1, 2, M)), ((1, M, M), (1, M, D)),
-                                               ((1, L, 2), (1, 2, M))])
+    if execution == "padded":  # three matmuls: M×M distances, M×M weights on D channels, L×M plug-back distances
+        assert sorted(meter.bmm_shapes) == sorted([((1, M, 2), (1, 2, M)), ((1, M, M), (1, M, D)),
+                                                   ((1, L, 2), (1, 2, M))])
+    else:  # the grid blur: 6×6 along the 4 rows, 4×4 along the columns of 6·(D + 1) values
+        assert meter.bmm_shapes == [] and meter.matmul_shapes == [((6, 6), (4, 6, D + 1)), ((4, 4), (1, 4, 6 * (D + 1)))]
     measured = meter.components()
     if router == "cosine":
         measured["router"] += D * L  # the dot q·k̄ is an elementwise product and a sum: no matmul to hook
@@ -367,7 +384,7 @@ def test_tables_and_report():
     table = flops_table(TINY_DC, kept_tokens=5)
     for name in ("encoder", "router", "blocks.mlp", "dechunk.smoothing", "final_layer", "total"):
         assert name in table
-    assert f"{376706 / 1e9:.4f}" in table
+    assert f"{383536 / 1e9:.4f}" in table
     report = flops_report(get_preset("DC-DiT-B/N4"), (0.0, 0.25, 0.5))
     assert "M = 256" in report
     for M in ("256.0", "192.0", "128.0"):

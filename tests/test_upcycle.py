@@ -156,26 +156,35 @@ def test_distillation_loss_falls_and_starts_where_the_copies_agree():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
-    # the loss is the MSE of paired tokens: check it against a direct computation for the last state
-    outs_s, outs_t = [], []
-    hs = [b.register_forward_hook(lambda m, a, o: outs_s.append(o)) for b in model.blocks]
-    ht = [b.register_forward_hook(lambda m, a, o: outs_t.append(o)) for b in dit.blocks]
-    with torch.no_grad():
-        dit(x, t, y)
-        _, rec = model(x, t, y)
-        loss, _ = distillation_loss(model, dit, x, t, y)
-    for h in hs + ht:
-        h.remove()
-    brute = []
-    for zs, zt in zip(outs_s, outs_t[:2]):
-        errs = []
-        for b in range(4):
-            for m in range(int(rec.kept_count[b])):
-                pix = int(rec.kept_idx[b, m])
-                patch = (pix // 8 // 2) * 4 + (pix % 8) // 2
-                errs.append(((zs[b, m] - zt[b, patch]) ** 2).mean())
-        brute.append(torch.stack(errs).mean())
-    torch.testing.assert_close(loss, torch.stack(brute).mean(), atol=1e-6, rtol=1e-5)
+    # the loss is the MSE of paired tokens: check it against a direct computation for the last state, with
+    # the student's block outputs packed (T, D) and padded (B, M, D); both executions give the same loss
+    # (eval mode: no random label dropout between the calls)
+    model.eval()
+    got = {}
+    for execution in ("packed", "padded"):
+        model.execution = execution
+        outs_s, outs_t = [], []
+        hs = [b.register_forward_hook(lambda m, a, o: outs_s.append(o)) for b in model.blocks]
+        ht = [b.register_forward_hook(lambda m, a, o: outs_t.append(o)) for b in dit.blocks]
+        with torch.no_grad():
+            dit(x, t, y)
+            _, rec = model(x, t, y)
+            got[execution], _ = distillation_loss(model, dit, x, t, y)
+        for h in hs + ht:
+            h.remove()
+        start = [0, *rec.kept_count.cumsum(0).tolist()]  # packed row of sample b's first token
+        brute = []
+        for zs, zt in zip(outs_s, outs_t[:2]):
+            errs = []
+            for b in range(4):
+                for m in range(int(rec.kept_count[b])):
+                    pix = int(rec.kept_idx[b, m])
+                    patch = (pix // 8 // 2) * 4 + (pix % 8) // 2
+                    student = zs[b, m] if execution == "padded" else zs[start[b] + m]
+                    errs.append(((student - zt[b, patch]) ** 2).mean())
+            brute.append(torch.stack(errs).mean())
+        torch.testing.assert_close(got[execution], torch.stack(brute).mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got["packed"], got["padded"], atol=1e-6, rtol=1e-5)
 
 
 def test_train_with_upcycling_and_distillation(tmp_path):

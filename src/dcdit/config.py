@@ -81,6 +81,10 @@ class DCDiTConfig(ModelConfigBase):
     inner_adaln_init: str = "zero"  # inner blocks' adaLN init: zero (adaLN-Zero) | xavier (what the release runs)
     dechunk_eps: float = 0.0  # added to the de-chunk weight sums; release: 1e-8
     tail_drop_rounding: str = "tolerant"  # ⌊f·n⌋: tolerant (float64, 1e-6 slack) | float32 (release)
+    # Inner network layout (models/packing.py): packed (real tokens of all samples in one sequence, time
+    # follows the mean kept count) or padded (the reference: every sample padded to the batch maximum;
+    # mask_padding: false always runs padded).
+    execution: str = "packed"
 
 
 ModelConfig = DiTConfig | DCDiTConfig

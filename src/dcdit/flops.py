@@ -36,9 +36,14 @@ router              cosine: W_Q, W_K 2·D²·L + depthwise 3×3 9·D·L + the do
 chunk               0 (a gather; positions are an add)
 blocks.*            per inner block with M tokens: attention_linear (qkv + proj) 4·D²·M,
                     attention_matmul 2·M²·D, mlp 2·mlp_ratio·D²·M, adaLN 6·D² (per sample)
-dechunk.smoothing   the pairwise squared distances |a|²+|b|²−2a·b, whose matmul of (M, 2) grid
-                    coordinates costs 2·M², plus the M×M weight matrix applied to D channels M²·D
-dechunk.plug_back   the L×M distances to the kept tokens by the same matmul: 2·L·M (argmin: 0)
+dechunk.smoothing   packed execution (the default): the separable blur on the H×W grid, a W×W
+                    matmul along the rows and an H×H one along the columns of D + 1 channels
+                    (numerator and denominator): L·(H + W)·(D + 1), independent of M.
+                    Padded execution (the direct form): the pairwise squared distances
+                    |a|²+|b|²−2a·b, whose matmul of (M, 2) grid coordinates costs 2·M², plus the
+                    M×M weight matrix applied to D channels M²·D
+dechunk.plug_back   packed: 0 (an integer nearest-neighbour search); padded: the L×M distances to the
+                    kept tokens by the same matmul as above, 2·L·M (argmin: 0)
 residual_proj       Linear D → D on L positions: D²·L
 decoder             ResBlocks as in the encoder (the first projects D → d, with a 1×1 skip)
 final_layer         adaLN D → 2d (per sample) + Linear d → C_out on L positions
@@ -172,6 +177,13 @@ def _inner_blocks(cfg: DCDiTConfig, M: int | float, dydit_usage=None) -> dict[st
     return total
 
 
+def _dechunk(execution: str, H: int, W: int, D: int, M: int | float) -> dict[str, float]:
+    """The de-chunk as each execution computes it (models/dechunking.py): grid blur or direct form."""
+    if execution == "packed":
+        return {"dechunk.smoothing": H * W * (H + W) * (D + 1), "dechunk.plug_back": 0}
+    return {"dechunk.smoothing": 2 * M * M + M * M * D, "dechunk.plug_back": 2 * H * W * M}
+
+
 def _res_block(L: int, c_in: int, mid: int, c_out: int, cond: int) -> int:
     macs = _conv(L, c_in, mid, 3) + _linear(1, cond, mid) + _conv(L, mid, c_out, 3)
     if c_in != c_out:
@@ -233,8 +245,7 @@ def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None) -> 
         "router": _router(cfg.router, D, L),
         "chunk": 0,
         **_inner_blocks(cfg, M, dydit_usage),
-        "dechunk.smoothing": 2 * M * M + M * M * D,
-        "dechunk.plug_back": 2 * L * M,
+        **_dechunk(getattr(cfg, "execution", "packed"), H, W, D, M),
         "residual_proj": _linear(L, D, D),
         "decoder": sum(_res_block(L, i, m, o, D) for i, m, o in dec),
         "final_layer": _linear(1, D, 2 * d) + _linear(L, d, c_out),

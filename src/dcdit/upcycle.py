@@ -19,10 +19,11 @@ at ((r − (P−1)/2)/P, (c − (P−1)/2)/P) in the DiT's coordinates (``pos_of
 token in the middle of a flat region gets the code the pretrained blocks saw there. The plain
 (r/P, c/P) would shift every token by (P−1)/(2P) of a patch toward the bottom-right.
 
-**Distillation pairs.** After inner block k the student holds M kept tokens (B, M, D); the teacher
-holds its (H/P)·(W/P) patch tokens (B, T, D). Each real kept token at latent pixel (r, c) is paired
-with the teacher token of the patch that contains it, (r // P, c // P); padding slots are ignored.
-The loss is the mean over blocks of the mean squared error over the paired tokens and channels.
+**Distillation pairs.** After inner block k the student holds its kept tokens (packed (T, D), or
+padded (B, M, D) with ``model.execution=padded``); the teacher holds its (H/P)·(W/P) patch tokens
+(B, N, D). Each real kept token at latent pixel (r, c) is paired with the teacher token of the patch
+that contains it, (r // P, c // P); padding slots are ignored. The loss is the mean over blocks of
+the mean squared error over the paired tokens (of the whole batch) and channels.
 """
 
 from __future__ import annotations
@@ -245,10 +246,14 @@ def distillation_loss(student, teacher: DiT, x_t, t, y, tail_dropping_fraction=0
     finally:
         for h in s_handles + t_handles:
             h.remove()
-    pair = patch_index_of_tokens(record.kept_idx, record.grid, teacher.patch_size)  # (B, M)
-    real = record.slot_mask[..., None].float()  # (B, M, 1)
+    # Pairs in the packed order (sample after sample, raster order): student block outputs are packed
+    # (T, D), or padded (B, M, D) with the real tokens in the first kept_count slots of each sample.
+    cells = record.packed_index  # (T,) flat b·L + l
+    L = record.p.shape[1]
+    sample = torch.div(cells, L, rounding_mode="floor")
+    pair = patch_index_of_tokens(cells % L, record.grid, teacher.patch_size)  # (T,) the teacher patch of each token
     losses = []
     for zs, zt in zip(s_out, t_out):
-        target = zt.detach().gather(1, pair[..., None].expand(-1, -1, zt.shape[-1]))  # (B, M, D)
-        losses.append((((zs.float() - target.float()) ** 2) * real).sum() / (real.sum() * zs.shape[-1]))
+        zs = zs[record.slot_mask] if zs.dim() == 3 else zs  # (T, D)
+        losses.append(((zs.float() - zt.detach()[sample, pair].float()) ** 2).mean())
     return torch.stack(losses).mean(), record

@@ -1,4 +1,6 @@
-"""De-chunking (paper §3.4) against a brute-force loop of the paper's formula.
+"""De-chunking (paper §3.4) against a brute-force loop of the paper's formula, in both forms: the
+direct one (padded execution: (M, M) weights, (L, M) distances) and the grid one (packed execution:
+separable blur on the grid, two-pass nearest-neighbour plug-back), and the two forms against each other.
 
 Reference: for every sample, over its REAL kept tokens only (p clamped to [1e-4, 1 − 1e-4]),
     W_ij = exp(−d²_ij / 2σ²) · p_j,  h̃_i = Σ_j W_ij h_j / Σ_j W_ij,  out_i = p_i h_i + (1 − p_i) h̃_i,
@@ -15,7 +17,14 @@ import pytest
 import torch
 
 from dcdit.models.chunking import RoutingRecord
-from dcdit.models.dechunking import DeChunk, nearest_kept_slot
+from dcdit.models.dechunking import DeChunk, gaussian_factor, nearest_kept_cell, nearest_kept_slot
+
+FORMS = ["direct", "grid"]
+
+
+def dechunk(form: str, sigma: float, z: torch.Tensor, rec: RoutingRecord) -> torch.Tensor:
+    """DeChunk on padded slots z (B, M, D) (direct form) or on their real tokens packed (T, D) (grid form)."""
+    return DeChunk(sigma)(z if form == "direct" else z[rec.slot_mask], rec)
 
 
 def make_record(p: torch.Tensor, kept: list[list[int]], padding: list[list[int]], grid) -> RoutingRecord:
@@ -98,22 +107,25 @@ def random_case(grid, counts, seed, D=4):
     return rec, z, kept
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("grid", [(6, 6), (5, 7), (7, 5)])
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
-def test_dechunk_matches_brute_force(grid, sigma):
+def test_dechunk_matches_brute_force(grid, sigma, form):
     rec, z, kept = random_case(grid, counts=[11, 4, 1], seed=grid[0] * 10 + grid[1] + int(sigma))
-    got = DeChunk(sigma)(z, rec)
+    got = dechunk(form, sigma, z, rec)
     ref = brute_force_dechunk(z.double(), rec.p.double(), kept, grid, sigma)
     assert got.shape == (3, grid[0] * grid[1], z.shape[-1])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_dechunk_matches_brute_force_where_far_weights_underflow():
+@pytest.mark.parametrize("form", FORMS)
+def test_dechunk_matches_brute_force_where_far_weights_underflow(form):
     """A 32×32 grid (MNIST's): distances up to √1922, so most Gaussian weights are below exp(−60)
-    and are set to 0 rather than computed as denormals; the result must still be the formula's."""
+    (per axis exp(−30) in the grid form) and are set to 0 rather than computed as denormals; the
+    result must still be the formula's."""
     rec, z, kept = random_case((32, 32), counts=[40, 3], seed=7)
-    got = DeChunk(1.0)(z, rec)
+    got = dechunk(form, 1.0, z, rec)
     torch.testing.assert_close(got.double(), brute_force_dechunk(z.double(), rec.p.double(), kept, (32, 32), 1.0),
                                atol=1e-5, rtol=1e-5)
 
@@ -153,23 +165,27 @@ def test_plug_back_ties_go_to_lowest_grid_index(grid, kept, expect):
     assert got == brute_force_nearest(kept, grid)
     for pos, k in expect.items():
         assert got[pos] == k
+    assert nearest_kept_cell(rec.kept_mask, grid)[0].tolist() == got  # the grid form's search agrees exactly
     # and the de-chunked output at each position is the one of that kept token
     z = torch.arange(len(kept), dtype=torch.float32)[None, :, None].expand(1, len(kept), 2) * 10
-    out = DeChunk(1.0)(z.contiguous(), rec)
     ref = brute_force_dechunk(z.double(), p.double(), [kept], grid, 1.0)
-    torch.testing.assert_close(out.double(), ref)
+    for form in FORMS:
+        torch.testing.assert_close(dechunk(form, 1.0, z.contiguous(), rec).double(), ref)
 
 
 @pytest.mark.parametrize("grid", [(5, 7), (6, 6)])
 def test_plug_back_random_matches_brute_force_nearest(grid):
     rec, _, kept = random_case(grid, counts=[8, 2, 5, 1], seed=11)
     slots = nearest_kept_slot(rec)
+    cells = nearest_kept_cell(rec.kept_mask, grid)
     for b in range(len(kept)):
         assert rec.kept_idx[b, slots[b]].tolist() == brute_force_nearest(kept[b], grid)
         assert bool((slots[b] < rec.kept_count[b]).all())  # never a padding slot
+        assert cells[b].tolist() == brute_force_nearest(kept[b], grid)
 
 
-def test_dechunk_gradients_match_brute_force():
+@pytest.mark.parametrize("form", FORMS)
+def test_dechunk_gradients_match_brute_force(form):
     """d out / d p (the smoothing path of the router gradient) and d out / d z against autograd
     through the loop reference in float64."""
     grid = (5, 6)
@@ -181,7 +197,7 @@ def test_dechunk_gradients_match_brute_force():
     p1 = p.clone().requires_grad_(True)
     z1 = z.clone().requires_grad_(True)
     rec1 = RoutingRecord(p1, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
-    (DeChunk(1.5)(z1, rec1) * weight).sum().backward()
+    (dechunk(form, 1.5, z1, rec1) * weight).sum().backward()
 
     p2 = p.double().requires_grad_(True)
     z2 = z.double().requires_grad_(True)
@@ -219,11 +235,108 @@ def test_dechunk_far_padding_gives_finite_values_and_gradients():
     assert bool(torch.isfinite(p_leaf.grad).all())
 
 
-def test_dechunk_runs_in_fp32_under_autocast():
+@pytest.mark.parametrize("form", FORMS)
+def test_dechunk_runs_in_fp32_under_autocast(form):
     grid = (5, 7)
     rec, z, _ = random_case(grid, counts=[6, 2], seed=2)
-    ref = DeChunk(1.0)(z.bfloat16().float(), rec)
+    ref = dechunk(form, 1.0, z.bfloat16().float(), rec)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = DeChunk(1.0)(z.bfloat16(), rec)
+        got = dechunk(form, 1.0, z.bfloat16(), rec)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- grid form vs direct form
+
+
+def brute_force_nearest_table(kept_mask: torch.Tensor, grid) -> torch.Tensor:
+    """(B, L) nearest kept cell from the full (B, L, L) table of squared distances, ties to the lowest
+    index (the key d²·L + index), vectorised: an independent check of the two-pass search on big grids."""
+    H, W = grid
+    L = H * W
+    idx = torch.arange(L)
+    d2 = (idx[:, None] // W - idx[None] // W) ** 2 + (idx[:, None] % W - idx[None] % W) ** 2  # (L, L)
+    key = torch.where(kept_mask[:, None, :], d2[None] * L + idx, torch.iinfo(torch.long).max)
+    return key.argmin(-1)
+
+
+def lattice_mask(B, grid, seed):
+    """Kept cells on sparse lattices and random points: many cells equidistant from 2 or 4 kept cells."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = grid
+    masks = []
+    for b in range(B):
+        step = 2 + b % 3
+        m = torch.zeros(H, W, dtype=torch.bool)
+        m[b % step::step, (b // 2) % step::step] = True
+        m |= torch.rand(H, W, generator=g) < 0.01 * b
+        masks.append(m.flatten())
+    return torch.stack(masks)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (13, 21), (64, 64)])
+def test_nearest_kept_cell_ties_exact_on_lattices(grid):
+    """Lattice spacings 2–4 put half of the grid on ties; one kept cell per sample is the extreme
+    (every column but one is empty). Catches a tie broken by column before row, an empty column
+    winning, and a wrong vertical candidate."""
+    kept = lattice_mask(6, grid, seed=0)
+    single = torch.zeros(1, grid[0] * grid[1], dtype=torch.bool)
+    single[0, grid[0] * grid[1] // 2 + 1] = True
+    kept = torch.cat([kept, single])
+    assert torch.equal(nearest_kept_cell(kept, grid), brute_force_nearest_table(kept, grid))
+
+
+def random_record(B, grid, M, seed, p_low=0.0):
+    g = torch.Generator().manual_seed(seed)
+    L = grid[0] * grid[1]
+    kept = torch.stack([torch.randperm(L, generator=g)[:M].sort().values for _ in range(B)])  # (B, M)
+    mask = torch.zeros(B, L, dtype=torch.bool).scatter_(1, kept, True)
+    p = p_low + (1 - p_low) * torch.rand(B, L, generator=g)
+    return RoutingRecord(p, mask, mask.clone(), kept, torch.full((B,), M), tuple(grid))
+
+
+@pytest.mark.parametrize("grid, M, sigma", [((32, 32), 256, 1.0), ((32, 32), 12, 1.0), ((64, 64), 1024, 2.0),
+                                            ((64, 64), 40, 2.0), ((24, 40), 300, 1.5)])
+def test_grid_form_equals_direct_form(grid, M, sigma):
+    """The grid form against today's direct form: within 1e-6 of the output's scale (elementwise
+    relative error is meaningless where an output crosses 0), the same plug-back cell everywhere
+    (ties exact), and the same gradients. σ = 2 on a 64×64 grid is the 512 px setting."""
+    rec = random_record(2, grid, M, seed=M)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, M, 16, generator=g)
+    direct = DeChunk(sigma)(z, rec)
+    packed = DeChunk(sigma)(z.reshape(-1, 16), rec)  # every sample keeps M: the slots are all real
+    assert bool(torch.isfinite(packed).all())
+    assert (packed - direct).abs().max() <= 1e-6 * direct.abs().max()
+    cells = rec.kept_idx.gather(1, nearest_kept_slot(rec))
+    assert torch.equal(nearest_kept_cell(rec.kept_mask, grid), cells)
+    weight = torch.randn(direct.shape, generator=g)
+    grads = []
+    for form in FORMS:
+        zz, pp = z.clone().requires_grad_(True), rec.p.clone().requires_grad_(True)
+        r = RoutingRecord(pp, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, rec.grid)
+        (dechunk(form, sigma, zz, r) * weight).sum().backward()
+        grads.append((zz.grad, pp.grad))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_gaussian_factor_is_the_truncated_kernel():
+    """G[a, b] = exp(−(a − b)²/2σ²) exactly where (a − b)²/2σ² ≤ 30, else 0 (σ = 1: |a − b| ≤ 7)."""
+    G = gaussian_factor(12, 1.0)
+    for a in range(12):
+        for b in range(12):
+            want = math.exp(-((a - b) ** 2) / 2) if (a - b) ** 2 / 2 <= 30 else 0.0
+            assert G[a, b].item() == pytest.approx(want, rel=1e-6, abs=0)
+    assert G[0, 7] > 0 and G[0, 8] == 0
+
+
+def test_grid_form_adds_dechunk_eps_like_the_direct_form():
+    """``dechunk_eps`` (the release's 1e-8) enters both forms' weight sums: a large eps makes the
+    difference visible, so a grid form that ignored it would fail."""
+    rec = random_record(2, (6, 7), 9, seed=3)
+    z = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(2))
+    direct = DeChunk(1.0, eps=0.5)(z, rec)
+    grid = DeChunk(1.0, eps=0.5)(z.reshape(-1, 4), rec)
+    torch.testing.assert_close(grid, direct, atol=1e-6, rtol=1e-6)
+    assert (grid - DeChunk(1.0)(z.reshape(-1, 4), rec)).abs().max() > 1e-3

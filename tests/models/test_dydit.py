@@ -23,6 +23,7 @@ from dcdit.models.dydit import (
     DyDiTRecord, DynamicDiTBlock, dydit_flops_loss, dydit_flops_ratio, dydit_router_parameters, dydit_usage,
     flops_target, gumbel_sigmoid, set_dydit_execution,
 )
+from dcdit.models.packing import Packing
 
 ROUTER_KEYS = ("attn_router.", "mlp_router.", "token_router.")
 
@@ -53,21 +54,6 @@ def padded_inputs(helpers, model, batch=4, seed=1):
         if len(set(rec.kept_count.tolist())) > 1:
             return x, t, y
     raise AssertionError("no padded batch found")
-
-
-def mix_routers_(model: nn.Module, seed: int = 0, width_scale: float = 20.0, token_scale: float = 3.0) -> None:
-    """Router weights that give mixed head/group/token masks that depend on t and on the token."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.modules():
-            if not isinstance(block, DynamicDiTBlock):
-                continue
-            for r in (block.attn_router, block.mlp_router):
-                r.weight.copy_(torch.randn(r.weight.shape, generator=g) * width_scale)
-                r.bias.copy_(torch.randn(r.bias.shape, generator=g) * 0.3)
-            tr = block.token_router
-            tr[2].weight.copy_(torch.randn(tr[2].weight.shape, generator=g) * token_scale)
-            tr[2].bias.zero_()
 
 
 # ------------------------------------------------------------------------------- Gumbel-sigmoid
@@ -153,7 +139,7 @@ def test_sliced_inference_equals_masked_execution(helpers, pair, shared_t):
         t = torch.full_like(t, int(t[0]))  # one sampling step: one sub-network for the whole batch
     else:
         t = torch.tensor([3, 3, 400, 999, 650])[: len(t)]
-    mix_routers_(dyn)
+    helpers.mix_dydit_routers_(dyn)
     dyn.eval()
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for b in dyn.blocks for m in (b.attn.qkv, b.mlp.fc1)]
@@ -234,8 +220,12 @@ def reference_block(blk: DynamicDiTBlock, x, c, kv_mask, t_emb):
     return out
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("sliced", [True, False])
-def test_block_matches_reference_on_padded_mixed_batch(sliced):
+def test_block_matches_reference_on_mixed_batch(sliced, layout):
+    """Padded (B, M, D) with a key mask, or the real tokens packed (T, D): the packed block must expand
+    every per-sample vector (modulators, head/group masks) to its own sample's rows and select the
+    right rows for each head pattern in sliced inference."""
     blk = _random_block()
     blk.sliced_inference = sliced
     B, M, D = 3, 7, 32
@@ -246,12 +236,18 @@ def test_block_matches_reference_on_padded_mixed_batch(sliced):
     kv_mask = torch.arange(M)[None] < torch.tensor([7, 5, 3])[:, None]
     stats = []
     with torch.no_grad():
-        out = blk(x, c, kv_mask, t_emb=t_emb, stats=stats)
         ref = reference_block(blk, x, c, kv_mask, t_emb)
+        if layout == "padded":
+            out = blk(x, c, kv_mask, t_emb=t_emb, stats=stats)
+            tok = stats[0].token_mask
+        else:
+            packing = Packing.from_counts(kv_mask.sum(1))
+            out = packing.to_padded(blk(x[kv_mask], c, packing, t_emb=t_emb, stats=stats), M)
+            tok = packing.to_padded(stats[0].token_mask, M)
+            ref = torch.where(kv_mask[..., None], ref, 0.0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # fp32 rounding scales with |out| (CPU kernels differ)
-    st = stats[0]
-    assert 0 < float(st.token_mask[kv_mask].mean()) < 1 and (st.token_mask[~kv_mask] == 0).all()
-    assert 0 < float(st.head_mask[:, 1:].mean()) < 1
+    assert 0 < float(tok[kv_mask].mean()) < 1 and (tok[~kv_mask] == 0).all()
+    assert 0 < float(stats[0].head_mask[:, 1:].mean()) < 1
 
 
 @pytest.mark.parametrize("sliced", [True, False])
@@ -337,7 +333,7 @@ def test_dcdit_macs_with_dydit_usage():
 def test_record_macs_and_sampling_flops_count_executed_gates(helpers, pair):
     _, dyn, cfg = pair
     x, t, y = padded_inputs(helpers, dyn)
-    mix_routers_(dyn)
+    helpers.mix_dydit_routers_(dyn)
     dyn.eval()
     with torch.no_grad():
         _, rec = dyn(x, t, y)
@@ -412,9 +408,9 @@ def test_flops_target_schedule():
 # ------------------------------------------------------------------------------- records
 
 
-def test_record_survives_lite_cfg_cat_and_split(helpers, pair):
+def test_record_survives_lite_cfg_and_split(helpers, pair):
     _, dyn, _ = pair
-    mix_routers_(dyn)
+    helpers.mix_dydit_routers_(dyn)
     dyn.eval()
     x, t, y = helpers.tiny_inputs(3)
     t = torch.full_like(t, 500)

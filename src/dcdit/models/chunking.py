@@ -41,6 +41,12 @@ class RoutingRecord:
         return slots[None] < self.kept_count[:, None]
 
     @property
+    def packed_index(self) -> torch.Tensor:
+        """(T,) long, T = Σ kept_count: the flat index b·L + l of every kept token, sample after sample
+        and in raster order within a sample — the row order of packed execution."""
+        return self.kept_mask.reshape(-1).nonzero().squeeze(1)
+
+    @property
     def compression_ratio(self) -> torch.Tensor:
         """(B,) L / kept tokens: the effective downsampling of each sample."""
         return self.p.shape[1] / self.kept_count.float()

@@ -24,7 +24,12 @@ from .guidance import guide
 from .hub import HubMixin
 from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
+from .packing import Packing
 from .router import build_router
+
+
+#: ``model.execution``: packed (the default) or padded (the reference), see :meth:`DCDiT.process_chunks`.
+EXECUTIONS = ("packed", "padded")
 
 
 def straight_through(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,7 @@ class DCDiT(nn.Module, HubMixin):
         inner_adaln_init: str = "zero",
         dechunk_eps: float = 0.0,
         tail_drop_rounding: str = "tolerant",
+        execution: str = "packed",
     ):
         super().__init__()
         D = hidden_size
@@ -82,6 +88,8 @@ class DCDiT(nn.Module, HubMixin):
             raise ValueError(f"model.inner_adaln_init must be 'zero' (adaLN-Zero) or 'xavier' (the authors' release), got {inner_adaln_init!r}")
         if encoder_blocks < 1 or decoder_blocks < 1:
             raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"model.execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         self.grid = as_grid(input_size)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -98,6 +106,9 @@ class DCDiT(nn.Module, HubMixin):
         self.tail_drop_rounding = tail_drop_rounding
         self.mask_padding = mask_padding
         self.dydit = dydit
+        # packed | padded: the layout of the inner network (models/packing.py). Unmasked padding
+        # (mask_padding=False, padding slots attended as tokens) only exists in the padded layout.
+        self.execution = execution if mask_padding else "padded"
 
         # Conditioning and the P = 1 embedder (3×3 "same" conv C → d).
         self.x_embedder = PatchEmbed(in_channels, d, kernel_size=3, stride=1, padding=1)
@@ -152,9 +163,10 @@ class DCDiT(nn.Module, HubMixin):
         tail_dropping_fraction: float | torch.Tensor = 0.0, budget_groups: int = 1,
         force_drop_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingRecord]:
-        """``tail_dropping_fraction``: a float or a (B,) tensor. ``budget_groups = k`` runs steps 3–5 on
-        k equal slices of the batch separately, each padded only to its own longest sequence (used
-        by Lite-CFG, whose cond and uncond halves keep very different numbers of tokens).
+        """``tail_dropping_fraction``: a float or a (B,) tensor (every sample its own budget).
+        ``budget_groups = k`` (padded execution only, the reference path as it was before packing):
+        steps 3–5 run on k equal slices of the batch, each padded only to its own longest sequence
+        (Lite-CFG's halves). Packed execution runs every sample at its own length and ignores it.
         ``force_drop_ids`` (B,): 1 where the label becomes the null class; when given, it replaces
         the random label dropout of training mode (as in DiT's ``LabelEmbedder``)."""
         check_inputs(
@@ -168,13 +180,14 @@ class DCDiT(nn.Module, HubMixin):
         h = self.encoder(self.x_embedder.proj(x), c)  # 1. encode: (B, L, D)
         p, natural = self.router(h, self.grid)  # 2. route: (B, L) each
         fractions = torch.as_tensor(tail_dropping_fraction, dtype=torch.float64, device=x.device).expand(B)
+        padded_groups = self.execution == "padded" and budget_groups > 1
+        groups = torch.arange(B, device=x.device).chunk(budget_groups) if padded_groups else [slice(None)]
         records, zs = [], []
-        for g in torch.arange(B, device=x.device).chunk(budget_groups):
-            record = route_and_plan(p[g], natural[g], fractions[g], self.grid, self.tail_drop_rounding)
-            zs.append(self.process_chunks(h[g], c[g], record, t_emb[g]))  # 3.–5. chunk, inner blocks, de-chunk
-            records.append(record)
-        record = RoutingRecord.cat(records) if budget_groups > 1 else records[0]
-        z = torch.cat(zs) if budget_groups > 1 else zs[0]  # (B, L, D), fp32
+        for g in groups:
+            records.append(route_and_plan(p[g], natural[g], fractions[g], self.grid, self.tail_drop_rounding))
+            zs.append(self.process_chunks(h[g], c[g], records[-1], t_emb[g]))  # 3.–5. chunk, inner blocks, de-chunk
+        record = RoutingRecord.cat(records) if len(groups) > 1 else records[0]
+        z = torch.cat(zs) if len(groups) > 1 else zs[0]  # (B, L, D), fp32
         with torch.autocast(device_type=x.device.type, enabled=False):
             selected_p = torch.where(record.natural_mask, record.p, 1 - record.p)  # (B, L)
             z = z * straight_through(selected_p)[..., None] + self.residual_proj(h.float())
@@ -184,17 +197,28 @@ class DCDiT(nn.Module, HubMixin):
         return out.transpose(1, 2).reshape(B, self.out_channels, *self.grid), record
 
     def process_chunks(self, h: torch.Tensor, c: torch.Tensor, record: RoutingRecord, t_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps 3–5: gather the kept tokens (B, M, D), run the DiT blocks, de-chunk to (B, L, D).
+        """Steps 3–5: gather the kept tokens, run the DiT blocks, de-chunk to (B, L, D) fp32.
+
+        Packed (default): the T = Σ kept_count real tokens in one (T, D) sequence, attention per sample.
+        Padded (the reference): (B, M, D) slots, M = the largest kept count, padding keys masked.
         With DyDiT the gates' decisions are stored in ``record.dydit`` (t_emb is then required)."""
-        z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
-        z = z + self.pos_embed[0][record.kept_idx]
-        kv_mask = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
+        if self.execution == "packed":
+            cells = record.packed_index  # (T,) flat b·L + l, sample after sample, raster order
+            z = h.reshape(-1, h.shape[-1]).index_select(0, cells)  # 3. chunk: (T, D)
+            z = z + self.pos_embed[0].index_select(0, cells % h.shape[1])
+            layout = Packing.from_counts(record.kept_count)
+        else:
+            z = gather_tokens(h, record.kept_idx)  # 3. chunk: (B, M, D)
+            z = z + self.pos_embed[0][record.kept_idx]
+            layout = record.slot_mask if self.mask_padding and bool((record.kept_count < z.shape[1]).any()) else None
         dy = {"t_emb": t_emb, "stats": []} if self.dydit else {}
-        for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
-            z = block(z, c, kv_mask, **dy)
+        for block in self.blocks:  # 4. inner DiT blocks on the kept tokens only
+            z = block(z, c, layout, **dy)
         z = self.inner_norm(z)
-        if self.dydit:
-            real = kv_mask if kv_mask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+        if self.dydit and isinstance(layout, Packing):  # packed token masks, padded to the record's slots
+            record.dydit = DyDiTRecord.from_blocks(dy["stats"], record.slot_mask, layout)
+        elif self.dydit:
+            real = layout if layout is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             record.dydit = DyDiTRecord.from_blocks(dy["stats"], real)
         return self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
 
@@ -205,11 +229,12 @@ class DCDiT(nn.Module, HubMixin):
         """Classifier-free guidance on a [cond; uncond] batch of size 2B (DiT's convention).
 
         Lite-CFG: ``uncond_tail_dropping_fraction`` gives the unconditional half its own, usually
-        larger, tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond)."""
+        larger, tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond). Packed execution runs every
+        sample at its own length; the padded reference pads each half to its own length."""
         half = x[: len(x) // 2]
         n = len(half)
         f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
         fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, dtype=torch.float64, device=x.device)
-        groups = 1 if f_u == tail_dropping_fraction else 2  # Lite-CFG: pad each half to its own length
+        groups = 1 if f_u == tail_dropping_fraction else 2
         out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions, budget_groups=groups)
         return guide(out, cfg_scale, self.in_channels, guidance_channels), record

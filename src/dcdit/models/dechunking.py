@@ -6,7 +6,17 @@
 2. Plug-back: each of the L grid positions takes ``out`` of its nearest kept token (Euclidean on the
    grid; ties go to the lowest grid index).
 
-Both run in float32 even under autocast. This is the direct O(M²) + O(L·M) form, as in the release.
+Both run in float32 even under autocast. Two implementations of the same formula:
+
+* **On the grid** (packed execution, z (T, D)): the Gaussian factorises, exp(−d²/2σ²) =
+  exp(−Δr²/2σ²)·exp(−Δc²/2σ²), so Σ_j W_ij h_j is a separable blur. p_j·h_j and p_j are scattered onto
+  the H×W grid (zero elsewhere), blurred along rows then columns by two dense matmuls with the
+  truncated 1-D kernel matrices, and numerator / denominator are read back at the kept cells:
+  L·(H + W)·(D + 1) MACs per sample, whatever M is. The plug-back index comes from a two-pass exact
+  nearest-neighbour search (nearest kept row per column, then the best column per cell): an
+  (H, W, W) integer table instead of the (L, M) distance table.
+* **Direct** (padded execution, z (B, M, D), the reference): the (M, M) weight matrix and the (L, M)
+  distance table, as in the release: O(M²·D + L·M).
 """
 
 from __future__ import annotations
@@ -54,8 +64,62 @@ def nearest_kept_slot(record: RoutingRecord) -> torch.Tensor:
 _NEGLIGIBLE_EXPONENT = 60.0
 
 
+#: The grid form truncates each 1-D factor of the Gaussian where exp(−Δ²/2σ²) < exp(−30) ≈ 9e-14
+#: (|Δ| > 7.7σ). The dropped weights sum to the Gaussian's tail mass, ~1e-12·σ, against a row sum
+#: ≥ p_i ≥ 1e-4: below 1e-8 relative even at the p clamp. A per-axis cut at exp(−60) would let
+#: products of two factors reach exp(−120) ≈ 8e-53, a denormal, on which matmuls slow down (above).
+_AXIS_NEGLIGIBLE_EXPONENT = 30.0
+
+
+def gaussian_factor(n: int, sigma: float, device=None) -> torch.Tensor:
+    """(n, n) float32: G[a, b] = exp(−(a − b)²/2σ²), 0 where the exponent exceeds the cut."""
+    a = torch.arange(n, device=device, dtype=torch.float32)
+    e = (a[:, None] - a[None, :]) ** 2 / (2 * sigma**2)
+    return torch.where(e <= _AXIS_NEGLIGIBLE_EXPONENT, torch.exp(-e.clamp(max=_AXIS_NEGLIGIBLE_EXPONENT)), 0.0)
+
+
+def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H, W, C): out[r, c] = Σ_{r', c'} G[r, r'] G[c, c'] x[r', c'].
+
+    Rows then columns, each one batched matmul with the (dense, truncated) kernel matrix. The passes
+    are memory-bound (K = W or H multiply-adds per value read); a variant that skips the empty cells of
+    the first pass (rows padded to their kept count) measured no faster on the 2-core CPU
+    (docs/benchmarks.md, "De-chunk on the grid")."""
+    B, H, W, C = x.shape
+    x = torch.matmul(gaussian_factor(W, sigma, x.device), x.reshape(B * H, W, C))  # along each row
+    x = torch.matmul(gaussian_factor(H, sigma, x.device), x.reshape(B, H, W * C))  # along each column
+    return x.reshape(B, H, W, C)
+
+
+def nearest_kept_cell(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """kept (B, L) bool -> (B, L) long: the raster index of each cell's nearest kept cell (Euclidean
+    grid distance, ties to the lowest raster index). Every sample needs at least one kept cell.
+
+    Pass 1, per column c': the nearest kept row above and below every row r (cumulative max / min),
+    the upper one on a tie. Pass 2, per cell (r, c): the column c' minimising (c − c')² + Δr(r, c')²,
+    compared as the integer key d²·L + raster index, so equal distances go to the lowest index. The
+    winner of a tie set lies in its column's candidate (the upper of two equal rows has the lower
+    index), so the two passes give the exact global rule."""
+    H, W = grid
+    B, L = kept.shape
+    k = kept.view(B, H, W)
+    rows = torch.arange(H, device=kept.device).view(1, H, 1)
+    far = 4 * (H + W)  # farther than any real distance on the grid
+    above = torch.where(k, rows, -far).cummax(dim=1).values  # nearest kept row ≤ r, per column
+    below = torch.where(k, rows, H + far).flip(1).cummin(dim=1).values.flip(1)  # nearest kept row ≥ r
+    take_above = rows - above <= below - rows
+    cand = torch.where(take_above, above, below)  # (B, H, W'): candidate row of column c' for row r
+    dr = (rows - cand).abs()
+    cols = torch.arange(W, device=kept.device)
+    d2 = (cols[:, None] - cols[None, :]) ** 2 + (dr**2)[:, :, None, :]  # (B, H, W, W'), int64
+    key = d2 * L + (cand * W + cols)[:, :, None, :]
+    return (key.min(dim=-1).values % L).view(B, L)
+
+
 class DeChunk(nn.Module):
-    """z (B, M, D) inner outputs + routing record -> (B, L, D) on the full grid."""
+    """Inner outputs + routing record -> (B, L, D) on the full grid. z is packed (T, D) (the kept
+    tokens of all samples in raster order, sample after sample: the grid form) or padded (B, M, D)
+    in the record's slots (the direct form)."""
 
     def __init__(self, sigma: float = 1.0, eps: float = 0.0):
         super().__init__()
@@ -77,7 +141,29 @@ class DeChunk(nn.Module):
         h_tilde = torch.bmm(w, z)
         return p[..., None] * z + (1 - p[..., None]) * h_tilde
 
+    def smooth_on_grid(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """The same smoothing for packed tokens, as a blur on the grid: (T, D) -> (T, D)."""
+        B, L = record.kept_mask.shape
+        cells = record.packed_index  # (T,) flat index b·L + l of every packed token
+        p = record.p.reshape(-1)[cells].clamp(1e-4, 1 - 1e-4)[:, None]  # (T, 1)
+        src = torch.cat([p * z, p], dim=1)  # numerator and denominator sources, (T, D + 1)
+        grid = src.new_zeros(B * L, src.shape[1]).index_copy_(0, cells, src)  # in place: no second grid
+        blurred = separable_blur(grid.view(B, *record.grid, -1), self.sigma).reshape(B * L, -1)[cells]
+        h_tilde = blurred[:, :-1] / (blurred[:, -1:] + self.eps)  # the own cell's weight p_i > 0 keeps it finite
+        return p * z + (1 - p) * h_tilde
+
+    def plug_back(self, out: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Packed (T, D) de-chunked tokens -> (B, L, D): every cell takes its nearest kept token."""
+        B, L = record.kept_mask.shape
+        kept = record.kept_mask.reshape(-1)
+        row_of = kept.cumsum(0) - 1  # packed row of each kept cell (packing is raster order)
+        nearest = nearest_kept_cell(record.kept_mask, record.grid)  # (B, L) raster index
+        offsets = torch.arange(B, device=nearest.device)[:, None] * L
+        return out.index_select(0, row_of[(nearest + offsets).view(-1)]).view(B, L, -1)
+
     def forward(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
+            if z.dim() == 2:  # packed: the grid form
+                return self.plug_back(self.smooth_on_grid(z.float(), record), record)
             out = self.smooth(z.float(), record)
             return gather_tokens(out, nearest_kept_slot(record))

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Speed benchmark: variable-length attention backends on CPU, forward + backward, in one run.
+
+The packed inner network needs attention that stays inside each sample's segment of a (T, 3, heads,
+hd) sequence. Candidates (``models/attention.py`` uses the winner on every non-flash device):
+
+* ``padded``: scatter into a (B, M, ...) batch, SDPA with a key-padding mask, gather back (what the
+  padded execution computes, padded rows included);
+* ``per-segment``: ``dcdit.models.attention.sdpa_per_segment`` — SDPA once per segment, equal lengths
+  batched into one call;
+* ``nested``: nested jagged tensors (``torch.nested.nested_tensor_from_jagged``) through SDPA;
+* ``block-diagonal``: one SDPA over all T tokens with a (T, T) same-segment mask.
+
+Every backend is checked against ``per-segment`` before timing; a backend that fails to run is
+reported with its error. Times are medians of interleaved rounds.
+
+    python benchmarks/bench_varlen_attention.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from common import interleaved, median
+from dcdit.models.attention import sdpa_per_segment
+from dcdit.models.packing import Packing
+
+#: (name, segment lengths, heads, head dim): the spread-budget DC-DiT-S batch and an MNIST training batch.
+CASES = [
+    ("spread B8 (D 384, 6 heads)", [256, 231, 205, 180, 154, 128, 103, 77], 6, 64),
+    ("MNIST B32 (D 96, 4 heads)", [random.Random(i).randint(180, 340) for i in range(32)], 4, 24),
+]
+
+
+def padded(qkv, packing):
+    B, M = packing.batch, packing.max_len
+    slot = torch.arange(packing.total) - packing.cu_seqlens.long()[packing.seg_ids]
+    mask = torch.arange(M)[None] < torch.tensor(packing.sizes)[:, None]
+    full = qkv.new_zeros(B, M, *qkv.shape[1:]).index_put((packing.seg_ids, slot), qkv)
+    q, k, v = full.permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    return out[packing.seg_ids, slot]
+
+
+def nested(qkv, packing):
+    offsets = packing.cu_seqlens.long()
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in qkv.unbind(1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()
+
+
+def block_diagonal(qkv, packing):
+    same = packing.seg_ids[:, None] == packing.seg_ids[None, :]
+    q, k, v = qkv.permute(1, 2, 0, 3)[:, None]  # 3 × (1, heads, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=same)[0].transpose(0, 1)
+
+
+BACKENDS = {"padded": padded, "per-segment": sdpa_per_segment, "nested": nested, "block-diagonal": block_diagonal}
+
+
+def fwd_bwd(fn, qkv, packing):
+    def run():
+        x = qkv.detach().requires_grad_(True)
+        fn(x, packing).sum().backward()
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # nested tensors are a prototype API and say so at every call
+    print(f"{torch.get_num_threads()} thread(s); forward + backward, median of {args.rounds} interleaved rounds")
+    for name, sizes, heads, hd in CASES:
+        packing = Packing.from_counts(torch.tensor(sizes))
+        qkv = torch.randn(packing.total, 3, heads, hd, generator=torch.Generator().manual_seed(0))
+        ref = sdpa_per_segment(qkv, packing)
+        fns, errors = {}, {}
+        for backend, fn in BACKENDS.items():
+            try:
+                got = fn(qkv, packing)
+                assert (got - ref).abs().max() < 1e-4, f"{backend} disagrees with per-segment"
+                fns[backend] = fwd_bwd(fn, qkv, packing)
+            except Exception as e:  # a backend without a CPU kernel
+                errors[backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        secs, _ = interleaved(fns, args.rounds, 1)
+        base = median(secs["per-segment"])
+        print(f"\n{name}: lengths {min(sizes)}–{max(sizes)}, T = {sum(sizes)}")
+        for backend in BACKENDS:
+            if backend in errors:
+                print(f"  {backend:<16} failed: {errors[backend]}")
+            else:
+                s = median(secs[backend])
+                print(f"  {backend:<16}{s * 1e3:9.1f} ms{s / base:8.2f}×")
+
+
+if __name__ == "__main__":
+    main()
