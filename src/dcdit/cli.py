@@ -454,18 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command; a failure the user can cause ends in one line on stderr naming the file
+    or key and the fix (dcdit.errors), a traceback only with --debug or DCDIT_DEBUG=1."""
+    from .errors import DEBUG_ENV, debug_requested, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1); "
+                                                             "accepted anywhere on the command line")
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
     if extra:  # section.key=value overrides may also follow the options
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dcdit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, args.command, debug=debug)
 
 
 if __name__ == "__main__":
