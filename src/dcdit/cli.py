@@ -259,9 +259,12 @@ def cmd_extract_features(args) -> int:
     meta = extract_features(
         args.images, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
         shard_size=args.shard_size, vae_id=args.vae, latent_scale=args.latent_scale, device=device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, strict=args.strict, overwrite=args.overwrite,
     )
-    print(json.dumps({k: meta[k] for k in ("num_images", "num_classes", "latent_shape", "vae_id", "latent_scale")}, indent=2))
+    print(json.dumps({k: meta.get(k) for k in ("num_images", "num_skipped", "num_classes", "latent_shape", "vae_id",
+                                               "latent_scale")}, indent=2))
+    if meta.get("num_skipped"):
+        print(f"skipped {meta['num_skipped']} unreadable image(s), listed in {Path(args.out) / meta['skipped_report']}")
     return 0
 
 
@@ -387,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-scale", type=float, default=0.18215)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=20_000, help="images per shard")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image, naming it (default: skip it and list it in "
+                        "OUT/skipped_images.json); finished shards are kept either way")
+    p.add_argument("--overwrite", action="store_true", help="replace an extraction with other settings already in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract_features)
