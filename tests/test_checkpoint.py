@@ -333,3 +333,19 @@ def test_pickles_with_objects_are_refused_and_never_run(tmp_path):
     truncate(tmp_path / "ok.pt")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         torch_load_safely(tmp_path / "ok.pt")
+
+
+def test_a_model_saved_under_looser_checks_still_loads(parts, tmp_path):
+    """Configs inside checkpoints load as written: a run whose ratio groups did not divide its batch
+    (refused for new runs) is still a model to sample from."""
+    import dataclasses
+
+    from dcdit.checkpoint import save_weights
+    from dcdit.errors import ConfigError
+
+    cfg = dataclasses.replace(parts.cfg, train=dataclasses.replace(parts.cfg.train, global_batch_size=8, ratio_batch_size=16))
+    with pytest.raises(ConfigError, match="train.ratio_batch_size is 16"):
+        load_run_config("mnist", TINY + ["train.global_batch_size=8", "train.ratio_batch_size=16"])
+    save_weights(tmp_path / "old.safetensors", parts.model.state_dict(), cfg, step=3)
+    model, loaded, step = load_model(tmp_path / "old.safetensors")
+    assert step == 3 and loaded.train.ratio_batch_size == 16

@@ -230,3 +230,11 @@ def test_config_file_must_be_a_mapping(tmp_path):
 def test_tiny_test_configs_pass():
     """The overrides the CLI and training tests use."""
     load_run_config("mnist", TINY)
+
+
+def test_the_shipped_demo_model_config_passes():
+    """The config inside the shipped checkpoint (read as written) satisfies every rule."""
+    from dcdit.checkpoint import read_weights
+    from dcdit.cli import DEMO_CHECKPOINT
+
+    check_run_config(read_weights(DEMO_CHECKPOINT)[1])

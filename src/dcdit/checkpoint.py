@@ -300,7 +300,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, RunConfig, int]:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(_not_safetensors(Path(path), e)) from e
-    return state, run_config_from_dict(json.loads(meta[CONFIG_KEY])), int(meta.get("step", 0))
+    # As written: a model trained under older, looser checks must stay loadable (its constructor checks what it needs).
+    return state, run_config_from_dict(json.loads(meta[CONFIG_KEY]), check=False), int(meta.get("step", 0))
 
 
 def torch_load_safely(path: str | os.PathLike):

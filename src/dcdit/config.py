@@ -302,7 +302,8 @@ def _dataclass_from_dict(cls, d: dict, where: str):
     return cls(**kwargs)
 
 
-def run_config_from_dict(d: dict) -> RunConfig:
+def run_config_from_dict(d: dict, check: bool = True) -> RunConfig:
+    """``check=False`` skips the range and consistency checks (a checkpoint's saved config loads as written)."""
     check_config_dict(d)  # sections are mappings, lists are lists (dcdit.config_checks)
     unknown = sorted(set(d) - {"model", *_SECTIONS})
     if unknown:
@@ -310,7 +311,7 @@ def run_config_from_dict(d: dict) -> RunConfig:
     cfg = RunConfig(model=model_config_from_dict(d.get("model") or {}))
     for name, cls in _SECTIONS.items():
         setattr(cfg, name, _dataclass_from_dict(cls, d.get(name) or {}, name))
-    return check_run_config(cfg)  # ranges and consistency of every key (dcdit.config_checks)
+    return check_run_config(cfg) if check else cfg  # ranges and consistency of every key (dcdit.config_checks)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:
