@@ -42,7 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import RunConfig, build_model, run_config_from_dict, run_config_to_dict
-from .errors import CheckpointError, DcditWarning, DiskFullError, UnsafePickleError, is_disk_full, unpickling_refusal
+from .errors import (CheckpointError, DcditWarning, DiskFullError, UnsafePickleError, is_disk_full, one_line,
+                     unpickling_refusal)
 from .utils import atomic_write_text, sha256_file
 
 CONFIG_KEY = "dcdit_config"
@@ -174,7 +175,7 @@ def _header_problem(path: Path) -> str | None:
         elif path.suffix == ".yaml":
             yaml.safe_load(path.read_text())
     except (SafetensorError, zipfile.BadZipFile, yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        return " ".join(str(e).split()) or type(e).__name__
+        return one_line(e) or type(e).__name__
     return None
 
 
@@ -283,7 +284,7 @@ def _not_safetensors(path: Path, error: Exception) -> str:
         return (f"{path} is {kind} (a PyTorch .pt file), not a dcdit checkpoint: pass a run folder, a checkpoint "
                 f"folder or a .safetensors file written by `dcdit train`; an official DiT .pt becomes a DC-DiT with "
                 f"`dcdit upcycle CONFIG --dit {path} --out model.safetensors`")
-    return (f"{path} is not a readable .safetensors file ({' '.join(str(error).split())}): it is truncated or corrupt; "
+    return (f"{path} is not a readable .safetensors file ({one_line(error)}): it is truncated or corrupt; "
             "pass its run folder to use the newest intact checkpoint")
 
 

@@ -93,7 +93,8 @@ FRACTIONS = Rule("a list of finite numbers in [0, 1), e.g. [0, 0.1, 0.2]",
 
 @functools.cache
 def rules() -> dict[str, Rule]:
-    """The rule of every leaf key, by dotted name (model keys cover both DiT and DC-DiT)."""
+    """The rule of every leaf key, by dotted name (model keys cover both DiT and DC-DiT). One table,
+    section by section: it reads better whole than split."""
     from .data import DATASETS
     from .diffusion.schedules import NOISE_SCHEDULES
 

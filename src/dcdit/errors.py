@@ -98,7 +98,8 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _one_line(text: str) -> str:
+def one_line(text) -> str:
+    """``text`` (an exception, a message) on one line: runs of whitespace and newlines become one space."""
     return " ".join(str(text).split())
 
 
@@ -112,7 +113,7 @@ def _yaml_message(exc) -> str:
     problem = " ".join(p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
     problem = problem or _first_line(exc)
     if mark is None:
-        return f"malformed YAML: {_one_line(problem)}"
+        return f"malformed YAML: {one_line(problem)}"
     if mark.name.startswith("<"):  # an override's value (parse_override reads it as YAML)
         text = (mark.buffer or "").rstrip("\0")
         return f"malformed YAML in the override value {text!r} (column {mark.column + 1}): {problem}; quote or fix the value"
@@ -120,19 +121,15 @@ def _yaml_message(exc) -> str:
 
 
 def _os_message(exc: OSError, out: str | None) -> tuple[str, int]:
-    where = exc.filename or out
-    if exc.errno in DISK_FULL_ERRNOS:
-        place = f" while writing {where}" if where else ""
-        return f"the disk is full{place} ({exc.strerror}): free some space or write elsewhere (--out), then run again", 1
     if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        target = where or "the output folder"
-        return (f"permission denied: cannot write {target} ({exc.strerror}); choose a folder you can write to "
-                f"(--out) or fix its permissions"), 1
+        target = exc.filename or out or "the output folder"
+        return (f"permission denied for {target} ({exc.strerror}): fix its permissions, or write to a folder you "
+                "can write to (--out)"), 1
     if isinstance(exc, FileNotFoundError):
-        return (f"no such file or folder: {exc.filename}; check the path" if exc.filename else _one_line(exc)), 2
+        return (f"no such file or folder: {exc.filename}; check the path" if exc.filename else one_line(exc)), 2
     if exc.filename:
         return f"{exc.strerror or _first_line(exc)}: {exc.filename}", 1
-    return _one_line(exc), 1
+    return one_line(exc), 1
 
 
 def explain(exc: BaseException, out: str | None = None) -> tuple[str, int] | None:
@@ -144,17 +141,18 @@ def explain(exc: BaseException, out: str | None = None) -> tuple[str, int] | Non
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
     if isinstance(exc, DcditError):
-        return _one_line(exc), exc.exit_code
+        return one_line(exc), exc.exit_code
     if isinstance(exc, yaml.YAMLError):
         return _yaml_message(exc), 2
     if isinstance(exc, pickle.UnpicklingError):
         return f"refused to load a pickle: {unpickling_refusal(exc)}; pass a .safetensors file or a plain state-dict .pt", 2
     if type(exc).__name__ == "SafetensorError":
-        return (f"unreadable .safetensors file ({_one_line(exc)}): it is truncated or corrupt; use another copy or "
+        return (f"unreadable .safetensors file ({one_line(exc)}): it is truncated or corrupt; use another copy or "
                 "checkpoint"), 2
     if is_disk_full(exc):
-        where = f" while writing {out}" if out else ""
-        return f"the disk is full{where}: free some space or write elsewhere (--out), then run again", 1
+        where = getattr(exc, "filename", None) or out
+        return (f"the disk is full{f' while writing {where}' if where else ''}: free some space or write elsewhere "
+                "(--out), then run again"), 1
     if isinstance(exc, OSError):
         return _os_message(exc, out)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
@@ -163,7 +161,7 @@ def explain(exc: BaseException, out: str | None = None) -> tuple[str, int] | Non
         return (f"out of memory ({_first_line(exc) or type(exc).__name__}): lower train.micro_batch_size when "
                 "training, --batch-size / --per-class when sampling"), 1
     if isinstance(exc, ValueError):
-        return _one_line(exc), 2
+        return one_line(exc), 2
     return None
 
 
@@ -194,7 +192,7 @@ def one_line_warnings():
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, DcditWarning):
-                print(f"dcdit: warning: {_one_line(message)}", file=sys.stderr)
+                print(f"dcdit: warning: {one_line(message)}", file=sys.stderr)
             else:
                 shown(message, category, filename, lineno, file, line)
 

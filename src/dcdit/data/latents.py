@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DcditWarning, UnreadableImageError
+from ..errors import DcditWarning, UnreadableImageError, one_line
 from ..utils import atomic_write_bytes
 
 __all__ = [
@@ -254,7 +254,7 @@ class _ImagesOrErrors(Dataset):
         try:
             x, y = self.images[i]
         except _IMAGE_ERRORS as e:
-            return i, None, None, f"{type(e).__name__}: {' '.join(str(e).split())}"
+            return i, None, None, f"{type(e).__name__}: {one_line(e)}"
         return i, x, y, None
 
 
