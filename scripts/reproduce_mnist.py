@@ -180,6 +180,23 @@ def router_analysis(out: Path, name: str, ckpt: Path) -> dict | None:
     return json.loads((folder / "router_analysis.json").read_text())
 
 
+def router_verdicts(retention: list[dict]) -> str:
+    """Claims (b) and (c) on one analysed checkpoint: (b) at t <= 250 the router keeps a larger share of
+    the foreground than of the background tokens; (c) it compresses more at t >= 750 than at t <= 250."""
+    low = [r for r in retention if r["t"] <= 250]
+    high = [r for r in retention if r["t"] >= 750]
+    if not low or not high:
+        return "(b), (c): need timesteps at or below 250 and at or above 750"
+    fg = sum(r["mean_fg_retention"] for r in low) / len(low)
+    bg = sum(r["mean_bg_retention"] for r in low) / len(low)
+    c_low = sum(r["mean_compression_ratio"] for r in low) / len(low)
+    c_high = sum(r["mean_compression_ratio"] for r in high) / len(high)
+    b = "holds" if fg > bg else "does not hold"
+    c = "holds" if c_high > c_low else "does not hold"
+    return (f"(b) {b}: at t <= 250 it keeps {fg:.2f} of the foreground and {bg:.2f} of the background tokens. "
+            f"(c) {c}: compression {c_high:.2f} at t >= 750 against {c_low:.2f} at t <= 250.")
+
+
 def paired_run(name: str) -> str:
     """The run whose training saw the same batches, timesteps and noise: the DC-DiT of the same seed,
     or for the DyDiT fine-tune and its no-DyDiT control each other."""
@@ -230,11 +247,14 @@ def report(out: Path, results: dict, train_runs: dict, routers: dict) -> None:
     for name, ra in routers.items():
         if ra is None:
             continue
-        lines += ["", f"Router {name}: foreground / background retention on held-out digits noised to t", "",
+        extra = ra.get("extra", {})
+        lines += ["", f"Router {name} ({extra.get('ckpt', '?')}, step {extra.get('ckpt_step', '?')}): foreground / background "
+                  "retention on held-out digits noised to t", "",
                   "| t | fg tokens kept | bg tokens kept | fg share of kept (image fg share) | compression |", "|---|---|---|---|---|"]
         for row in ra["retention"]:
             lines.append(f"| {row['t']} | {row['mean_fg_retention']:.3f} | {row['mean_bg_retention']:.3f} | "
                          f"{row['mean_fg_share_of_kept']:.3f} ({row['mean_fg_fraction']:.3f}) | {row['mean_compression_ratio']:.2f} |")
+        lines += ["", router_verdicts(ra["retention"])]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"evaluations": results, "training": walls}, indent=2))
     print("\n".join(lines))
@@ -270,7 +290,9 @@ def main(argv=None) -> int:
                 results[name] = json.loads((out / "eval" / name / "result.json").read_text())
     routers = {}
     if stages & {"router", "report"}:
-        for name, ckpt in (("demo", Path(str(DEMO))), ("dcdit_s0", out / "dcdit_s0"), ("random_s0", out / "random_s0")):
+        analysed = [("demo", Path(str(DEMO))), *((f"dcdit_s{k}", out / f"dcdit_s{k}") for k in args.seeds),
+                    ("random_s0", out / "random_s0")]
+        for name, ckpt in analysed:
             if "router" in stages or (out / "router" / name / "router_analysis.json").exists():
                 routers[name] = router_analysis(out, name, ckpt)
     if "report" in stages:

@@ -133,3 +133,12 @@ def test_target_ratio_must_exceed_one(N):
 def test_group_size_must_be_positive():
     with pytest.raises(ValueError):
         ratio_loss(record([[0.2, 0.7]], [[0, 1]]), 4.0, group_size=0)
+
+
+def test_curriculum_moves_n_linearly_then_holds():
+    """The release's N curriculum: start at step 0, the target from warmup_steps on, linear in between."""
+    from dcdit.ratio_loss import curriculum_target_ratio as n_at
+
+    assert [n_at(s, 4.0, 2.0, 100) for s in (0, 25, 50, 100, 1000)] == [2.0, 2.5, 3.0, 4.0, 4.0]
+    assert n_at(30, 16.0, None, 100) == 16.0 and n_at(30, 16.0, 2.0, 0) == 16.0  # no curriculum
+    assert n_at(10, 4.0, 8.0, 20) == 6.0  # it may also come down from a larger start

@@ -310,3 +310,16 @@ def test_training_noises_with_the_models_noise_schedule(tmp_path, monkeypatch):
     torch.testing.assert_close(x_t, ac.sqrt() * x0 + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
     model, _, _ = load_model(str(tmp_path / "run"))
     assert model.noise_schedule == "cosine"
+
+
+def test_n_curriculum_reaches_the_ratio_loss(tmp_path, monkeypatch):
+    """train.target_ratio_start / target_ratio_warmup_steps: the ratio loss of step k sees N(k)."""
+    import dcdit.train as train_module
+
+    seen = []
+    real = train_module.ratio_loss
+    monkeypatch.setattr(train_module, "ratio_loss", lambda record, n, group: seen.append(n) or real(record, n, group))
+    cfg = load_run_config("mnist", TINY + ["train.steps=5", "train.target_ratio_start=2.0", "train.target_ratio_warmup_steps=4",
+                                           "model.target_ratio=4.0"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert seen == [2.0, 2.5, 3.0, 3.5, 4.0]

@@ -23,14 +23,14 @@ MNIST_DIGITS = list(range(10))
 def cmd_presets(args) -> int:
     from .config import MODEL_PRESETS, PAPER_PARAMS_M, build_model, count_parameters
 
-    print(f"{'preset':<15} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
+    print(f"{'preset':<21} {'arch':<6} {'D':>5} {'depth':>5} {'heads':>5} {'patch/N':>7} {'params (M)':>11} {'paper (M)':>10} {'diff':>7}")
     for name, cfg in MODEL_PRESETS.items():
         with torch.device("meta"):
             n = count_parameters(build_model(cfg)) / 1e6
         paper = PAPER_PARAMS_M.get(name)
         diff = f"{100 * (n - paper) / paper:+.1f}%" if paper else ""
         tokens = f"P={cfg.patch_size}" if cfg.arch == "dit" else f"N={cfg.target_ratio:g}"
-        print(f"{name:<15} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
+        print(f"{name:<21} {cfg.arch:<6} {cfg.hidden_size:>5} {cfg.depth:>5} {cfg.num_heads:>5} {tokens:>7} "
               f"{n:>11.1f} {paper if paper else '':>10} {diff:>7}")
     print("\nParameters include DiT's fixed pos_embed (as the DiT release counts them). DC-DiT counts are at a "
           "32x32 latent grid (256 px); paper figures: DiT (Peebles & Xie 2023), DC-DiT (arXiv 2603.06351 §4.1).")
@@ -97,6 +97,19 @@ def cmd_upcycle(args) -> int:
         save_weights(Path(args.out), model.state_dict(), cfg, step=0)
         print(f"wrote {args.out}")
     print(f"train it with: dcdit train {args.config} train.upcycle.from_dit={args.dit} train.upcycle.distill_steps=5000")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ convert-release
+def cmd_convert_release(args) -> int:
+    from .release import convert_release_checkpoint
+    from .release.checkpoint import RELEASE_VAE
+
+    report = convert_release_checkpoint(args.ckpt, args.out, weights=args.weights)
+    print(report.summary())
+    print(f"wrote {report.out} (step {report.step}, {report.weights} weights as ema.safetensors, the release's "
+          f"'model' weights as model.safetensors); sample it with: dcdit sample --ckpt {report.out} --vae {RELEASE_VAE} "
+          "(the release's default decoder; a local copy or sd-vae-ft-mse work too)")
     return 0
 
 
@@ -437,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_baselines)
 
-    from .evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args, evaluate_main,
-                             router_analysis_main, train_classifier_main)
+    from .cli_evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args,
+                                 evaluate_main, router_analysis_main, train_classifier_main)
 
     p = sub.add_parser("evaluate", help="FID / IS / precision-recall (local TorchScript Inception) and MNIST metrics of samples",
                        description="Score a PNG folder or an ADM .npz: FID, Inception Score and precision/recall with a "
@@ -452,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze-router", help="foreground vs background token retention across timesteps; compression vs timestep")
     add_router_analysis_args(p)
     p.set_defaults(func=router_analysis_main)
+
+    p = sub.add_parser("convert-release", help="convert a checkpoint of the authors' release into a dcdit run folder",
+                       description="Read a checkpoint written by the train.py of AMD-AGI/DynamicChunkingDiT (top-level "
+                                   "model / ema / opt / config; loaded with torch.load(weights_only=True) and stand-ins for "
+                                   "its config classes, never fully unpickled; CUDA-tagged tensors load on a CPU) and write a "
+                                   "dcdit run folder whose model computes what the release computes (docs/release.md). "
+                                   "Prints the key mapping; unknown or missing keys are errors.")
+    p.add_argument("ckpt", help="the release checkpoint, e.g. results/000-DC-DiT/checkpoints/0400000.pt")
+    p.add_argument("--out", required=True, help="the run folder to write (must not hold checkpoints yet)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="which weights `dcdit sample` uses (ema.safetensors): ema, as the release's sampler (default), or model")
+    p.set_defaults(func=cmd_convert_release)
 
     p = sub.add_parser("presets", help="print the model presets and their parameter counts",
                        description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "

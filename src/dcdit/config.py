@@ -74,6 +74,15 @@ class DCDiTConfig:
     dydit_token_hidden_ratio: float = 0.0625  # token router hidden width = D · ratio (DyDiT: D/16)
     dydit_tau: float = 5.0  # Gumbel-sigmoid temperature (at threshold 0.5 it only scales the STE gradient)
     dydit_threshold: float = 0.5  # a gate is on when sigmoid((logit + noise) / tau) > threshold
+    # Release parity (docs/release.md): the defaults are our original choices, the comments give the
+    # value that reproduces the authors' release (the `*-release` presets set all of them).
+    conv_norm_eps: float = 1e-6  # GroupNorm eps of the conv blocks; release: 1e-5
+    conv_stack_norm: str = "layernorm"  # norm after the encoder and the decoder: layernorm | rmsnorm (release)
+    inner_stack_norm: str = "none"  # norm after the inner DiT blocks: none | rmsnorm (release) | layernorm
+    router_centre_tap: bool = False  # predictability router: predict a token from itself too; release: true
+    inner_adaln_init: str = "zero"  # inner blocks' adaLN init: zero (adaLN-Zero) | xavier (what the release runs)
+    dechunk_eps: float = 0.0  # added to the de-chunk weight sums; release: 1e-8
+    tail_drop_rounding: str = "tolerant"  # ⌊f·n⌋: tolerant (float64, 1e-6 slack) | float32 (release)
 
 
 ModelConfig = DiTConfig | DCDiTConfig
@@ -85,17 +94,30 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     for size, (D, depth, heads) in _DIT_SIZES.items()
     for patch in (2, 4, 8)
 }
+#: The DCDiTConfig values that make a model compute exactly what the authors' release computes
+#: (AMD-AGI/DynamicChunkingDiT; every item is checked against its outputs in tests/test_release.py and
+#: explained in docs/release.md). The paper text (v1) describes the cosine router instead.
+RELEASE_MODEL_OPTIONS = dict(
+    router="predictability", router_centre_tap=True, conv_norm_groups=32, conv_norm_eps=1e-5,
+    conv_stack_norm="rmsnorm", inner_stack_norm="rmsnorm", residual_init="xavier", inner_adaln_init="xavier",
+    dechunk_eps=1e-8, tail_drop_rounding="float32", mask_padding=True,
+)
+
+# DC-DiT-{B,XL}/N{4,16}: the paper text (v1: cosine router, our open choices); "-release": the same
+# sizes with the release's model (its shipped configs/DCDiT-B-N4.yaml is DC-DiT-B/N4-release).
 MODEL_PRESETS.update(
     {
-        f"DC-DiT-{size}/N{n}": DCDiTConfig(hidden_size=D, depth=depth, num_heads=heads, target_ratio=float(n))
+        f"DC-DiT-{size}/N{n}{suffix}": DCDiTConfig(hidden_size=D, depth=depth, num_heads=heads, target_ratio=float(n), **options)
         for size, (D, depth, heads) in {"B": _DIT_SIZES["B"], "XL": _DIT_SIZES["XL"]}.items()
         for n in (4, 16)
+        for suffix, options in (("", {}), ("-release", RELEASE_MODEL_OPTIONS))
     }
 )
 
 #: Parameter counts the papers report (millions), for the presets table.
 PAPER_PARAMS_M = {"DiT-S/2": 33.0, "DiT-B/2": 130.0, "DiT-L/2": 458.0, "DiT-XL/2": 675.0,
-                  "DC-DiT-B/N4": 138.0, "DC-DiT-B/N16": 138.0, "DC-DiT-XL/N4": 690.0, "DC-DiT-XL/N16": 690.0}
+                  **{f"DC-DiT-{size}/N{n}{suffix}": m for size, m in (("B", 138.0), ("XL", 690.0))
+                     for n in (4, 16) for suffix in ("", "-release")}}
 
 
 def _coerce(value, hint, key: str):
@@ -249,6 +271,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ratio_loss_weight: float = 0.03
     ratio_batch_size: int = 16
+    # The release's curriculum for N (docs/release.md): N moves linearly from target_ratio_start to
+    # model.target_ratio over the first target_ratio_warmup_steps steps (None / 0: no curriculum).
+    target_ratio_start: float | None = None
+    target_ratio_warmup_steps: int = 0
     multi_budget: MultiBudgetConfig = field(default_factory=MultiBudgetConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     init_from: str | None = None  # fine-tune: start from these weights (a dcdit run, checkpoint or .safetensors)

@@ -223,6 +223,92 @@ def dit_to_diffusers_state_dict(sd: dict, num_layers: int, check_pos_embed: bool
 # diffusers -> ours
 
 
+class _Collector:
+    """Builds our state dict from a diffusers one, recording every source key in a ConversionReport."""
+
+    def __init__(self, sd: dict):
+        self.sd, self.out, self.used, self.report = sd, {}, set(), ConversionReport()
+
+    def take(self, ours: str, *theirs: str, fn=None) -> None:
+        """``out[ours]`` = the tensor at ``theirs`` (or ``fn`` of the tensors); absent keys go to ``missing``."""
+        absent = [k for k in theirs if k not in self.sd]
+        if absent:
+            self.report.missing.extend(absent)
+            return
+        self.used.update(theirs)
+        tensors = [self.sd[k] for k in theirs]
+        self.out[ours] = fn(tensors) if fn else tensors[0]
+        self.report.mapped[ours] = list(theirs)
+
+
+def _take_shared_embedders(c: _Collector, num_layers: int) -> None:
+    """Our one timestep / class embedder from block 0's copy, after checking every block holds the same."""
+    for ours, suffix in _EMBEDDER_KEYS.items():
+        if num_layers == 0:
+            c.report.missing.append(f"transformer_blocks.0.norm1.emb.{suffix}")
+            continue
+        copies = [f"transformer_blocks.{i}.norm1.emb.{suffix}" for i in range(num_layers)]
+        present = [k for k in copies if k in c.sd]
+        c.report.missing.extend(k for k in copies if k not in c.sd)
+        if not present:
+            continue
+        ref_key = present[0]
+        ref = c.sd[ref_key]
+        for k in present[1:]:
+            other = c.sd[k]
+            if other.shape != ref.shape or not torch.equal(other, ref):
+                diff = (
+                    "shape " + str(tuple(other.shape))
+                    if other.shape != ref.shape
+                    else f"max abs diff {(other.float() - ref.float()).abs().max().item():.3g}"
+                )
+                raise ValueError(
+                    f"{k} differs from {ref_key} ({diff}). diffusers stores a timestep/class embedder copy "
+                    "in every block, but our DiT (like the official one) has a single shared embedder; "
+                    "a model whose per-block copies differ cannot be converted"
+                )
+        c.used.update(present)
+        c.out[ours] = ref
+        c.report.mapped[ours] = present
+
+
+def _take_blocks(c: _Collector, num_layers: int) -> None:
+    """Per-block renames, and the fused qkv from diffusers' separate to_q / to_k / to_v."""
+    for i in range(num_layers):
+        for ours, theirs in _BLOCK_KEYS.items():
+            c.take(f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}")
+        for kind in ("weight", "bias"):
+            c.take(
+                f"blocks.{i}.attn.qkv.{kind}",
+                *[f"transformer_blocks.{i}.attn1.{n}.{kind}" for n in _QKV],
+                fn=lambda ts: torch.cat(ts, dim=0),
+            )
+
+
+def _take_pos_embed(c: _Collector, input_size) -> None:
+    """``pos_embed``: diffusers' buffer when the dict has it, else the sin-cos table of ``input_size``'s grid."""
+    sd = c.sd
+    if "pos_embed.pos_embed" in sd:
+        c.out["pos_embed"] = sd["pos_embed.pos_embed"].reshape(1, *sd["pos_embed.pos_embed"].shape[-2:])
+        c.used.add("pos_embed.pos_embed")
+        c.report.mapped["pos_embed"] = ["pos_embed.pos_embed"]
+        return
+    if input_size is None:
+        raise ValueError(
+            "the diffusers state dict has no pos_embed (diffusers recomputes it); pass "
+            "input_size=<sample_size> so the sin-cos table can be generated for that grid"
+        )
+    if "pos_embed.proj.weight" not in sd:
+        raise ValueError("cannot generate pos_embed without pos_embed.proj.weight (hidden size, patch size)")
+    D, _, p, q = sd["pos_embed.proj.weight"].shape
+    gh, gw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if gh % p or gw % q:
+        raise ValueError(f"input_size {(gh, gw)} is not divisible by the patch size {(p, q)}")
+    table = torch.from_numpy(get_2d_sincos_pos_embed(D, (gh // p, gw // q))).float().unsqueeze(0)
+    c.out["pos_embed"] = table.to(sd["pos_embed.proj.weight"].device)
+    c.report.generated.append("pos_embed")
+
+
 def diffusers_to_dit_state_dict(
     sd: dict, input_size: int | tuple[int, int] | None = None, strict: bool = True
 ) -> tuple[dict, ConversionReport]:
@@ -240,94 +326,25 @@ def diffusers_to_dit_state_dict(
     ``strict``: raise ValueError on missing or unexpected keys; with ``strict=False`` they are only
     listed in the report (and missing ones are absent from the result).
     """
-    report = ConversionReport()
     layers = sorted(_block_indices(sd, "transformer_blocks"))
     if layers != list(range(len(layers))):
         raise ValueError(f"transformer_blocks indices are not contiguous from 0: {layers}")
-    L = report.num_layers = len(layers)
-    used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
-
-    def take(ours: str, *theirs: str, fn=None):
-        absent = [k for k in theirs if k not in sd]
-        if absent:
-            report.missing.extend(absent)
-            return
-        used.update(theirs)
-        tensors = [sd[k] for k in theirs]
-        out[ours] = fn(tensors) if fn else tensors[0]
-        report.mapped[ours] = list(theirs)
-
+    c = _Collector(sd)
+    L = c.report.num_layers = len(layers)
     for ours, theirs in _TOP_KEYS.items():
-        take(ours, theirs)
-
-    # shared embedders: block 0's copy, after checking every block agrees
-    for ours, suffix in _EMBEDDER_KEYS.items():
-        if L == 0:
-            report.missing.append(f"transformer_blocks.0.norm1.emb.{suffix}")
-            continue
-        copies = [f"transformer_blocks.{i}.norm1.emb.{suffix}" for i in range(L)]
-        present = [k for k in copies if k in sd]
-        report.missing.extend(k for k in copies if k not in sd)
-        if not present:
-            continue
-        ref_key = present[0]
-        ref = sd[ref_key]
-        for k in present[1:]:
-            other = sd[k]
-            if other.shape != ref.shape or not torch.equal(other, ref):
-                diff = (
-                    "shape " + str(tuple(other.shape))
-                    if other.shape != ref.shape
-                    else f"max abs diff {(other.float() - ref.float()).abs().max().item():.3g}"
-                )
-                raise ValueError(
-                    f"{k} differs from {ref_key} ({diff}). diffusers stores a timestep/class embedder copy "
-                    "in every block, but our DiT (like the official one) has a single shared embedder; "
-                    "a model whose per-block copies differ cannot be converted"
-                )
-        used.update(present)
-        out[ours] = ref
-        report.mapped[ours] = present
-
-    for i in range(L):
-        for ours, theirs in _BLOCK_KEYS.items():
-            take(f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}")
-        for kind in ("weight", "bias"):
-            take(
-                f"blocks.{i}.attn.qkv.{kind}",
-                *[f"transformer_blocks.{i}.attn1.{n}.{kind}" for n in _QKV],
-                fn=lambda ts: torch.cat(ts, dim=0),
-            )
-
-    if "pos_embed.pos_embed" in sd:
-        out["pos_embed"] = sd["pos_embed.pos_embed"].reshape(1, *sd["pos_embed.pos_embed"].shape[-2:])
-        used.add("pos_embed.pos_embed")
-        report.mapped["pos_embed"] = ["pos_embed.pos_embed"]
-    else:
-        if input_size is None:
-            raise ValueError(
-                "the diffusers state dict has no pos_embed (diffusers recomputes it); pass "
-                "input_size=<sample_size> so the sin-cos table can be generated for that grid"
-            )
-        if "pos_embed.proj.weight" not in sd:
-            raise ValueError("cannot generate pos_embed without pos_embed.proj.weight (hidden size, patch size)")
-        D, _, p, q = sd["pos_embed.proj.weight"].shape
-        gh, gw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if gh % p or gw % q:
-            raise ValueError(f"input_size {(gh, gw)} is not divisible by the patch size {(p, q)}")
-        table = torch.from_numpy(get_2d_sincos_pos_embed(D, (gh // p, gw // q))).float().unsqueeze(0)
-        out["pos_embed"] = table.to(sd["pos_embed.proj.weight"].device)
-        report.generated.append("pos_embed")
-
-    report.unexpected = sorted(k for k in sd if k not in used)
+        c.take(ours, theirs)
+    _take_shared_embedders(c, L)
+    _take_blocks(c, L)
+    _take_pos_embed(c, input_size)
+    report = c.report
+    report.unexpected = sorted(k for k in sd if k not in c.used)
     if strict and (report.missing or report.unexpected):
         raise ValueError(
             f"diffusers DiT state dict does not match the layout: missing {report.missing[:5]}"
             f"{' ...' if len(report.missing) > 5 else ''}, unexpected {report.unexpected[:5]}"
             f"{' ...' if len(report.unexpected) > 5 else ''}"
         )
-    return out, report
+    return c.out, report
 
 
 # ---------------------------------------------------------------------------------------------------

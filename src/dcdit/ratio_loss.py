@@ -31,3 +31,13 @@ def ratio_loss(record: RoutingRecord, target_ratio: float, group_size: int = 16)
         for p, m in zip(record.p.split(group_size), record.natural_mask.split(group_size))
     ]
     return torch.stack(losses).mean()
+
+
+def curriculum_target_ratio(step: int, target: float, start: float | None = None, warmup_steps: int = 0) -> float:
+    """N at a training step under the release's curriculum: linear from ``start`` at step 0 to ``target``
+    at ``warmup_steps``, then constant (``downsample_factor_start`` / ``downsample_factor_warmup_steps``
+    in the release). Without a start or warm-up, N is ``target`` throughout."""
+    if start is None or warmup_steps <= 0:
+        return float(target)
+    progress = min(1.0, step / warmup_steps)
+    return float(start) + (float(target) - float(start)) * progress

@@ -37,7 +37,7 @@ from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.embedders import LabelEmbedder
 from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_dydit_router
-from .ratio_loss import ratio_loss
+from .ratio_loss import curriculum_target_ratio, ratio_loss
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
 _MIX = 1_000_003  # spreads (seed, step, index) over seed space
@@ -359,7 +359,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
                 r_loss = torch.zeros((), device=dev)
                 record = terms.get("aux")
                 if record is not None:
-                    r_loss = ratio_loss(record, cfg.model.target_ratio, tc.ratio_batch_size)
+                    target_n = curriculum_target_ratio(step, cfg.model.target_ratio, tc.target_ratio_start, tc.target_ratio_warmup_steps)
+                    r_loss = ratio_loss(record, target_n, tc.ratio_batch_size)
                     loss = loss + tc.ratio_loss_weight * r_loss
                     if record.dydit is not None:  # DyDiT: inner-block FLOPs toward the target λ
                         target = flops_target(step, tc.dydit_warmup_steps, tc.dydit_target)

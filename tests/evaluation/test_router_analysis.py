@@ -3,7 +3,6 @@ tokens, the q_sample noising, compression vs timestep, the figures and the CLI h
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -175,21 +174,43 @@ def test_compression_from_generate_and_plots(helpers, tmp_path):
     assert data["compression_vs_timestep"]["t"] == c["t"].tolist() and data["extra"]["note"] == "test"
 
 
-def test_router_analysis_main_on_a_tiny_mnist_checkpoint(tmp_path, capsys):
+@pytest.fixture
+def tiny_mnist_ckpt(tmp_path):
+    """A tiny DC-DiT saved with the mnist run config (random weights)."""
     from dcdit.checkpoint import save_weights
     from dcdit.config import build_model, load_run_config
 
     cfg = load_run_config("mnist", ["model.hidden_size=32", "model.depth=1", "model.num_heads=2",
                                     "model.encoder_width=8"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_weights(tmp_path / "ema.safetensors", model.state_dict(), cfg, 0)
-    p = argparse.ArgumentParser()
-    R.add_router_analysis_args(p)
-    args = p.parse_args(["--ckpt", str(tmp_path / "ema.safetensors"), "--out", str(tmp_path / "out"),
-                         "--timesteps", "800", "50", "--num-images", "6", "--sampling-steps", "2"])
-    assert R.router_analysis_main(args) == 0
-    data = json.loads((tmp_path / "out" / "router_analysis.json").read_text())
+    save_weights(tmp_path / "ema.safetensors", build_model(cfg.model).state_dict(), cfg, 0)
+    return tmp_path / "ema.safetensors"
+
+
+def test_analyze_router_on_a_tiny_mnist_checkpoint(tmp_path, tiny_mnist_ckpt):
+    """The checkpoint's retention at each t equals foreground_retention on the same seeded test digits,
+    and the JSON holds it (strict JSON: NaN retentions become null)."""
+    from dcdit.checkpoint import load_model
+
+    rets, files = R.analyze_router(tiny_mnist_ckpt, tmp_path / "out", timesteps=[800, 50], num_images=6,
+                                   sampling_steps=2, seed=4)
+    data = json.loads((tmp_path / "out" / "router_analysis.json").read_text(), parse_constant=pytest.fail)
+    assert files["json"] == str(tmp_path / "out" / "router_analysis.json")
     assert len(data["retention"]) == 2 and data["retention"][0]["num_samples"] == 6
     assert data["extra"]["images"] == "dcdit.data.mnist test split" and len(data["compression_vs_timestep"]["t"]) == 2
-    assert "fg kept" in capsys.readouterr().out
+    model, _, _ = load_model(tiny_mnist_ckpt)
+    x, y, masks, _ = R.load_analysis_images(None, 6, data_name="mnist", seed=4)
+    direct = R.foreground_retention(model, x, y, 800, seed=4)
+    assert data["retention"][0]["kept"] == direct["kept"] and rets[0]["fg_retention"] == direct["fg_retention"]
+    assert R.retention_summary(rets)[0].startswith("t= 800: fg kept ")
+
+
+def test_analysis_images_from_an_npz_with_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.normal(size=(5, 4, 8, 8)).astype(np.float32),
+             labels=np.arange(5), masks=rng.random((5, 8, 8)) > 0.5)
+    x, y, masks, source = R.load_analysis_images(tmp_path / "d.npz", 3, data_name="latents")
+    assert x.shape == (3, 4, 8, 8) and y.tolist() == [0, 1, 2] and masks.shape == (3, 8, 8) and masks.dtype == torch.bool
+    assert source == str(tmp_path / "d.npz")
+    with pytest.raises(ValueError, match="pass --images"):
+        R.load_analysis_images(None, 3, data_name="latents")

@@ -9,19 +9,22 @@
 * :func:`compression_vs_timestep` – from a sampling trace (``generate(...).trace``): t and the mean /
   min / max compression ratio L / kept tokens per step.
 * :func:`plot_router_analysis` – PNG figures and a JSON of all the numbers.
+* :func:`analyze_router` – all of it for a checkpoint (``dcdit analyze-router``).
+
+The figures and the JSON layout: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from ..utils import unwrap
+
+from ..utils import atomic_write_text, jsonable, unwrap
 
 __all__ = [
     "foreground_masks",
@@ -29,8 +32,9 @@ __all__ = [
     "foreground_retention_curve",
     "compression_vs_timestep",
     "plot_router_analysis",
-    "add_router_analysis_args",
-    "router_analysis_main",
+    "load_analysis_images",
+    "analyze_router",
+    "retention_summary",
 ]
 
 
@@ -44,6 +48,109 @@ def foreground_masks(images: torch.Tensor, threshold: float = 0.0) -> torch.Tens
 def _nanmean(a: np.ndarray) -> float | None:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
+def _foreground(images: torch.Tensor, threshold: float, masks) -> tuple[torch.Tensor, str]:
+    """(N, H, W) bool foreground on the token grid and where it came from (clean pixels or user masks)."""
+    N, C, H, W = images.shape
+    if masks is None:
+        if C != 1 and C != 3:
+            raise ValueError(f"{C}-channel inputs (latents?) need explicit foreground masks of shape (N, H, W)")
+        return foreground_masks(images, threshold), f"clean image channel mean > {threshold}"
+    fg = torch.as_tensor(masks)
+    if tuple(fg.shape) != (N, H, W):
+        raise ValueError(f"masks must have shape (N, H, W) = {(N, H, W)} (the token grid), got {tuple(fg.shape)}")
+    return fg.bool(), "user masks"
+
+
+def _check_images(inner: nn.Module, images: torch.Tensor, t: int, diffusion_steps: int) -> None:
+    """Images (N, C, H, W) on the model's token grid and t in [0, diffusion_steps), or ValueError."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    grid = tuple(int(g) for g in getattr(inner, "grid", (H, W)))
+    if (H, W) != grid:
+        raise ValueError(f"images are {H}x{W} but the model's token grid is {grid[0]}x{grid[1]}"
+                         f" (for latent models pass latents, and masks at the latent resolution)")
+    if not 0 <= int(t) < diffusion_steps:
+        raise ValueError(f"t must lie in [0, {diffusion_steps}), got {t}")
+
+
+def _check_labels(labels, n: int) -> torch.Tensor:
+    y = torch.as_tensor(labels).long().reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    return y
+
+
+def _noised(images: torch.Tensor, t: int, seed: int, schedule: str, diffusion_steps: int):
+    """(x_t = q_sample(x_0, t, ε) with ε from a CPU generator seeded with ``seed``, t as (N,) long)."""
+    from ..diffusion import create_diffusion
+
+    diffusion = create_diffusion("", noise_schedule=schedule, diffusion_steps=diffusion_steps)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(int(seed)))
+    tt = torch.full((images.shape[0],), int(t), dtype=torch.long)
+    return diffusion.q_sample(images.float().cpu(), tt, noise=noise), tt
+
+
+def _routing_maps(model: nn.Module, x_t, tt, y, tail_dropping_fraction: float, batch_size: int | None, grid):
+    """Forward passes in eval mode -> (kept, natural, p), each (N, H, W) on the CPU, from the RoutingRecord."""
+    H, W = grid
+    device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    kept, natural, p = [], [], []
+    bs = batch_size or len(x_t)
+    try:
+        for i in range(0, len(x_t), bs):
+            out = model(x_t[i: i + bs].to(device), tt[i: i + bs].to(device), y[i: i + bs].to(device),
+                        tail_dropping_fraction=float(tail_dropping_fraction))
+            if not isinstance(out, (tuple, list)) or len(out) < 2:
+                raise TypeError("foreground_retention needs a DC-DiT (forward returning (output, RoutingRecord))")
+            rec = out[1]
+            kept.append(rec.kept_mask.detach().cpu().reshape(-1, H, W))
+            natural.append(rec.natural_mask.detach().cpu().reshape(-1, H, W))
+            p.append(rec.p.detach().float().cpu().reshape(-1, H, W))
+    finally:
+        model.train(was_training)
+    return torch.cat(kept), torch.cat(natural), torch.cat(p)
+
+
+def _retention_stats(fg: torch.Tensor, kept_m: torch.Tensor, nat_m: torch.Tensor, p_m: torch.Tensor) -> dict:
+    """Per-sample and averaged shares of foreground / background tokens kept (see :func:`foreground_retention`)."""
+    bg = ~fg
+    n_fg, n_bg = fg.flatten(1).sum(1).double(), bg.flatten(1).sum(1).double()
+    k_fg, k_bg = (kept_m & fg).flatten(1).sum(1).double(), (kept_m & bg).flatten(1).sum(1).double()
+    n_kept = kept_m.flatten(1).sum(1).double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+
+    def ratio(a, b):
+        return torch.where(b > 0, a / b.clamp_min(1), nan).numpy()
+
+    p_fg = torch.where(n_fg > 0, (p_m.double() * fg).flatten(1).sum(1) / n_fg.clamp_min(1), nan).numpy()
+    p_bg = torch.where(n_bg > 0, (p_m.double() * bg).flatten(1).sum(1) / n_bg.clamp_min(1), nan).numpy()
+    fg_ret, bg_ret, share = ratio(k_fg, n_fg), ratio(k_bg, n_bg), ratio(k_fg, n_kept)
+    L = fg.shape[-2] * fg.shape[-1]
+    tot_fg, tot_bg = float(n_fg.sum()), float(n_bg.sum())
+    return {
+        "fg_retention": fg_ret.tolist(),
+        "bg_retention": bg_ret.tolist(),
+        "fg_share_of_kept": share.tolist(),
+        "fg_fraction": (n_fg / L).numpy().tolist(),
+        "kept": n_kept.long().tolist(),
+        "natural_kept": nat_m.flatten(1).sum(1).tolist(),
+        "mean_p_fg": p_fg.tolist(),
+        "mean_p_bg": p_bg.tolist(),
+        "mean_fg_retention": _nanmean(fg_ret),
+        "mean_bg_retention": _nanmean(bg_ret),
+        "mean_fg_share_of_kept": _nanmean(share),
+        "mean_fg_fraction": float((n_fg / L).mean()),
+        "mean_compression_ratio": float((L / n_kept.clamp_min(1)).mean()),
+        "mean_p_fg_avg": _nanmean(p_fg),
+        "mean_p_bg_avg": _nanmean(p_bg),
+        "pooled_fg_retention": float(k_fg.sum()) / tot_fg if tot_fg else None,
+        "pooled_bg_retention": float(k_bg.sum()) / tot_bg if tot_bg else None,
+    }
 
 
 @torch.no_grad()
@@ -86,96 +193,22 @@ def foreground_retention(
         samples together), ``pooled_bg_retention``; plus ``num_samples``, ``tokens``, ``seed``,
         ``tail_dropping_fraction``, ``mask_source``.
     """
-    from ..diffusion import create_diffusion
-
     inner = unwrap(model)
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    N, C, H, W = images.shape
-    grid = tuple(int(g) for g in getattr(inner, "grid", (H, W)))
-    if (H, W) != grid:
-        raise ValueError(f"images are {H}x{W} but the model's token grid is {grid[0]}x{grid[1]}"
-                         f" (for latent models pass latents, and masks at the latent resolution)")
-    if not 0 <= int(t) < diffusion_steps:
-        raise ValueError(f"t must lie in [0, {diffusion_steps}), got {t}")
-    if masks is None:
-        if C != 1 and C != 3:
-            raise ValueError(f"{C}-channel inputs (latents?) need explicit foreground masks of shape (N, H, W)")
-        fg = foreground_masks(images, threshold)
-        mask_source = f"clean image channel mean > {threshold}"
-    else:
-        fg = torch.as_tensor(masks)
-        if tuple(fg.shape) != (N, H, W):
-            raise ValueError(f"masks must have shape (N, H, W) = {(N, H, W)} (the token grid), got {tuple(fg.shape)}")
-        fg = fg.bool()
-        mask_source = "user masks"
-    y = torch.as_tensor(labels).long().reshape(-1)
-    if len(y) != N:
-        raise ValueError(f"labels must have shape ({N},), got {tuple(y.shape)}")
-
-    device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    _check_images(inner, images, t, diffusion_steps)
+    N, _, H, W = images.shape
+    fg, mask_source = _foreground(images, threshold, masks)
+    y = _check_labels(labels, N)
     schedule = noise_schedule or getattr(inner, "noise_schedule", "linear")  # default: the model's own
-    diffusion = create_diffusion("", noise_schedule=schedule, diffusion_steps=diffusion_steps)
-    gen = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(images.shape, generator=gen)
-    tt = torch.full((N,), int(t), dtype=torch.long)
-    x_t = diffusion.q_sample(images.float().cpu(), tt, noise=noise)
-
-    was_training = model.training
-    model.eval()
-    kept, natural, p = [], [], []
-    bs = batch_size or N
-    try:
-        for i in range(0, N, bs):
-            out = model(x_t[i: i + bs].to(device), tt[i: i + bs].to(device), y[i: i + bs].to(device),
-                        tail_dropping_fraction=float(tail_dropping_fraction))
-            if not isinstance(out, (tuple, list)) or len(out) < 2:
-                raise TypeError("foreground_retention needs a DC-DiT (forward returning (output, RoutingRecord))")
-            rec = out[1]
-            kept.append(rec.kept_mask.detach().cpu().reshape(-1, H, W))
-            natural.append(rec.natural_mask.detach().cpu().reshape(-1, H, W))
-            p.append(rec.p.detach().float().cpu().reshape(-1, H, W))
-    finally:
-        model.train(was_training)
-    kept_m, nat_m, p_m = torch.cat(kept), torch.cat(natural), torch.cat(p)
-    bg = ~fg
-    n_fg, n_bg = fg.flatten(1).sum(1).double(), bg.flatten(1).sum(1).double()
-    k_fg, k_bg = (kept_m & fg).flatten(1).sum(1).double(), (kept_m & bg).flatten(1).sum(1).double()
-    n_kept = kept_m.flatten(1).sum(1).double()
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-
-    def ratio(a, b):
-        return torch.where(b > 0, a / b.clamp_min(1), nan).numpy()
-
-    p_fg = torch.where(n_fg > 0, (p_m.double() * fg).flatten(1).sum(1) / n_fg.clamp_min(1), nan).numpy()
-    p_bg = torch.where(n_bg > 0, (p_m.double() * bg).flatten(1).sum(1) / n_bg.clamp_min(1), nan).numpy()
-    fg_ret, bg_ret, share = ratio(k_fg, n_fg), ratio(k_bg, n_bg), ratio(k_fg, n_kept)
-    L = H * W
-    tot_fg, tot_bg = float(n_fg.sum()), float(n_bg.sum())
+    x_t, tt = _noised(images, t, seed, schedule, diffusion_steps)
+    kept_m, nat_m, p_m = _routing_maps(model, x_t, tt, y, tail_dropping_fraction, batch_size, (H, W))
     return {
         "t": int(t),
         "num_samples": int(N),
-        "tokens": int(L),
+        "tokens": int(H * W),
         "seed": int(seed),
         "tail_dropping_fraction": float(tail_dropping_fraction),
         "mask_source": mask_source,
-        "fg_retention": fg_ret.tolist(),
-        "bg_retention": bg_ret.tolist(),
-        "fg_share_of_kept": share.tolist(),
-        "fg_fraction": (n_fg / L).numpy().tolist(),
-        "kept": n_kept.long().tolist(),
-        "natural_kept": nat_m.flatten(1).sum(1).tolist(),
-        "mean_p_fg": p_fg.tolist(),
-        "mean_p_bg": p_bg.tolist(),
-        "mean_fg_retention": _nanmean(fg_ret),
-        "mean_bg_retention": _nanmean(bg_ret),
-        "mean_fg_share_of_kept": _nanmean(share),
-        "mean_fg_fraction": float((n_fg / L).mean()),
-        "mean_compression_ratio": float((L / n_kept.clamp_min(1)).mean()),
-        "mean_p_fg_avg": _nanmean(p_fg),
-        "mean_p_bg_avg": _nanmean(p_bg),
-        "pooled_fg_retention": float(k_fg.sum()) / tot_fg if tot_fg else None,
-        "pooled_bg_retention": float(k_bg.sum()) / tot_bg if tot_bg else None,
+        **_retention_stats(fg, kept_m, nat_m, p_m),
         "_masks": {"foreground": fg, "kept": kept_m, "p": p_m, "x_t": x_t},  # for plots; dropped from JSON
     }
 
@@ -209,20 +242,88 @@ def compression_vs_timestep(trace) -> dict:
     return out
 
 
-def _json_ready(d):
+def _public(d):
+    """``d`` without the entries whose key starts with ``_`` (the tensors kept for the plots), at any depth."""
     if isinstance(d, dict):
-        return {k: _json_ready(v) for k, v in d.items() if not str(k).startswith("_")}
+        return {k: _public(v) for k, v in d.items() if not str(k).startswith("_")}
     if isinstance(d, (list, tuple)):
-        return [_json_ready(v) for v in d]
-    if isinstance(d, np.ndarray):
-        return _json_ready(d.tolist())
-    if isinstance(d, np.generic):
-        return _json_ready(d.item())
-    if isinstance(d, torch.Tensor):
-        return _json_ready(d.tolist())
-    if isinstance(d, float) and not math.isfinite(d):
-        return None
+        return [_public(v) for v in d]
     return d
+
+
+def _save(fig, path: Path, dpi: int) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_retention_curve(rets: list[dict], path: Path, dpi: int) -> str:
+    """Mean fg / bg retention and fg share of kept tokens against t (high t on the left)."""
+    import matplotlib.pyplot as plt
+
+    ts = np.array([r["t"] for r in rets], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    for key, label, c in (("mean_fg_retention", "foreground tokens kept", "C0"),
+                          ("mean_bg_retention", "background tokens kept", "C3"),
+                          ("mean_fg_share_of_kept", "foreground share of kept tokens", "C2")):
+        vals = np.array([np.nan if r[key] is None else r[key] for r in rets], dtype=float)
+        ax.plot(ts, vals, "o-", color=c, label=label)
+    ff = np.array([r["mean_fg_fraction"] for r in rets], dtype=float)
+    ax.plot(ts, ff, ":", color="gray", label="foreground fraction of the image")
+    ax.set_xlim(max(999.0, ts.max()), min(0.0, ts.min()))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("timestep t of the noised input (sampling direction →)")
+    ax.set_ylabel("share")
+    ax.set_title(f"Router retention of foreground vs background ({rets[0]['num_samples']} images)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+def _plot_retention_examples(withm: list[dict], num_examples: int, path: Path, dpi: int) -> str:
+    """Per example: the foreground, then x_t and the kept tokens (cyan fg, red bg) at every t."""
+    import matplotlib.pyplot as plt
+
+    k = min(num_examples, withm[0]["num_samples"])
+    cols = len(withm)
+    fig, axes = plt.subplots(k, 1 + 2 * cols, figsize=(1.3 * (1 + 2 * cols), 1.3 * k), squeeze=False)
+    for i in range(k):
+        fg = withm[0]["_masks"]["foreground"][i].numpy()
+        axes[i, 0].imshow(fg, cmap="gray", vmin=0, vmax=1)
+        for j, r in enumerate(withm):
+            xt = r["_masks"]["x_t"][i].float().mean(0).numpy()
+            axes[i, 1 + 2 * j].imshow(xt, cmap="gray")
+            kept = r["_masks"]["kept"][i].numpy().astype(float)
+            rgb = np.stack([kept * (~fg), kept * fg, kept * fg], -1)  # cyan: kept fg, red: kept bg
+            axes[i, 2 + 2 * j].imshow(rgb)
+            if i == 0:
+                axes[0, 1 + 2 * j].set_title(f"x_t, t={r['t']}", fontsize=7)
+                axes[0, 2 + 2 * j].set_title("kept (cyan fg, red bg)", fontsize=6)
+    axes[0, 0].set_title("foreground", fontsize=7)
+    for a in axes.ravel():
+        a.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _plot_compression(compression: dict, path: Path, dpi: int) -> str:
+    """Mean compression ratio L / kept against t with the min..max band (and the unconditional half)."""
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(compression["t"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    ax.plot(t, compression["mean"], color="C0", label="L / kept (mean)")
+    ax.fill_between(t, compression["min"], compression["max"], color="C0", alpha=0.2, linewidth=0, label="min..max")
+    if "uncond_mean" in compression:
+        ax.plot(t, compression["uncond_mean"], color="C3", label="uncond: L / kept (mean)")
+    ax.set_xlim(max(999.0, t.max()), min(0.0, t.min()))
+    ax.set_xlabel("timestep t (sampling direction →)")
+    ax.set_ylabel("compression ratio L / kept tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
 
 
 def plot_router_analysis(out_dir, retention: dict | list[dict] | None = None, compression: dict | None = None,
@@ -237,144 +338,87 @@ def plot_router_analysis(out_dir, retention: dict | list[dict] | None = None, co
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     rets = [retention] if isinstance(retention, dict) else list(retention or [])
     rets = sorted(rets, key=lambda r: -r["t"])
     if rets:
-        ts = np.array([r["t"] for r in rets], dtype=float)
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
-        for key, label, c in (("mean_fg_retention", "foreground tokens kept", "C0"),
-                              ("mean_bg_retention", "background tokens kept", "C3"),
-                              ("mean_fg_share_of_kept", "foreground share of kept tokens", "C2")):
-            vals = np.array([np.nan if r[key] is None else r[key] for r in rets], dtype=float)
-            ax.plot(ts, vals, "o-", color=c, label=label)
-        ff = np.array([r["mean_fg_fraction"] for r in rets], dtype=float)
-        ax.plot(ts, ff, ":", color="gray", label="foreground fraction of the image")
-        ax.set_xlim(max(999.0, ts.max()), min(0.0, ts.min()))
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("timestep t of the noised input (sampling direction →)")
-        ax.set_ylabel("share")
-        ax.set_title(f"Router retention of foreground vs background ({rets[0]['num_samples']} images)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        p = out / "retention_vs_timestep.png"
-        fig.savefig(p, dpi=dpi)
-        plt.close(fig)
-        files["retention_vs_timestep"] = str(p)
-
+        files["retention_vs_timestep"] = _plot_retention_curve(rets, out / "retention_vs_timestep.png", dpi)
         withm = [r for r in rets if "_masks" in r]
         if withm and num_examples > 0:
-            k = min(num_examples, withm[0]["num_samples"])
-            cols = len(withm)
-            fig, axes = plt.subplots(k, 1 + 2 * cols, figsize=(1.3 * (1 + 2 * cols), 1.3 * k), squeeze=False)
-            for i in range(k):
-                fg = withm[0]["_masks"]["foreground"][i].numpy()
-                axes[i, 0].imshow(fg, cmap="gray", vmin=0, vmax=1)
-                for j, r in enumerate(withm):
-                    xt = r["_masks"]["x_t"][i].float().mean(0).numpy()
-                    axes[i, 1 + 2 * j].imshow(xt, cmap="gray")
-                    kept = r["_masks"]["kept"][i].numpy().astype(float)
-                    rgb = np.stack([kept * (~fg), kept * fg, kept * fg], -1)  # cyan: kept fg, red: kept bg
-                    axes[i, 2 + 2 * j].imshow(rgb)
-                    if i == 0:
-                        axes[0, 1 + 2 * j].set_title(f"x_t, t={r['t']}", fontsize=7)
-                        axes[0, 2 + 2 * j].set_title("kept (cyan fg, red bg)", fontsize=6)
-            axes[0, 0].set_title("foreground", fontsize=7)
-            for a in axes.ravel():
-                a.set_axis_off()
-            fig.tight_layout()
-            p = out / "retention_examples.png"
-            fig.savefig(p, dpi=dpi)
-            plt.close(fig)
-            files["retention_examples"] = str(p)
+            files["retention_examples"] = _plot_retention_examples(withm, num_examples, out / "retention_examples.png", dpi)
     if compression is not None:
-        t = np.asarray(compression["t"], dtype=float)
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
-        ax.plot(t, compression["mean"], color="C0", label="L / kept (mean)")
-        ax.fill_between(t, compression["min"], compression["max"], color="C0", alpha=0.2, linewidth=0, label="min..max")
-        if "uncond_mean" in compression:
-            ax.plot(t, compression["uncond_mean"], color="C3", label="uncond: L / kept (mean)")
-        ax.set_xlim(max(999.0, t.max()), min(0.0, t.min()))
-        ax.set_xlabel("timestep t (sampling direction →)")
-        ax.set_ylabel("compression ratio L / kept tokens")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        p = out / "compression_vs_timestep.png"
-        fig.savefig(p, dpi=dpi)
-        plt.close(fig)
-        files["compression_vs_timestep"] = str(p)
-    data = {"retention": _json_ready(rets), "compression_vs_timestep": _json_ready(compression),
-            "extra": _json_ready(extra or {}), "files": dict(files)}
-    p = out / "router_analysis.json"
-    files["json"] = str(p)
-    data["files"]["json"] = str(p)
-    p.write_text(json.dumps(data, indent=2) + "\n")
+        files["compression_vs_timestep"] = _plot_compression(compression, out / "compression_vs_timestep.png", dpi)
+    files["json"] = str(out / "router_analysis.json")
+    data = {"retention": jsonable(_public(rets)), "compression_vs_timestep": jsonable(_public(compression)),
+            "extra": jsonable(_public(extra or {})), "files": dict(files)}
+    atomic_write_text(files["json"], json.dumps(data, indent=2) + "\n")
     return files
 
 
-# ------------------------------------------------------------------------------------------ CLI
+def load_analysis_images(images=None, num_images: int = 100, *, data_name: str = "mnist", seed: int = 0):
+    """The clean inputs of an analysis: ``(images, labels, masks or None, source)``.
 
-
-def add_router_analysis_args(parser) -> None:
-    """Arguments of ``dcdit analyze-router``."""
-    parser.add_argument("--ckpt", required=True, help="DC-DiT run folder, checkpoint folder or .safetensors")
-    parser.add_argument("--out", default="router_analysis", help="output folder (default router_analysis)")
-    parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 750, 500, 250, 100, 20],
-                        help="timesteps to noise the real images to (default 999 750 500 250 100 20)")
-    parser.add_argument("--images", default=None,
-                        help=".npz with 'images' (N,C,H,W) in model space, 'labels' (N,) and optional 'masks' (N,H,W); "
-                             "default for MNIST models: the held-out test split")
-    parser.add_argument("--num-images", type=int, default=100, help="images to use (default 100)")
-    parser.add_argument("--threshold", type=float, default=0.0, help="foreground = clean pixel > threshold (default 0)")
-    parser.add_argument("--tail-dropping-fraction", type=float, default=0.0)
-    parser.add_argument("--sampling-steps", type=int, default=0,
-                        help="also sample this many DDIM steps (one image per label) for compression vs timestep (default 0: skip)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--raw-weights", action="store_true")
-    parser.add_argument("--device", default="cpu")
-
-
-def router_analysis_main(args) -> int:
-    """``dcdit analyze-router``: retention curve (+ optional sampling trace) -> figures + JSON."""
-    from ..checkpoint import load_model
-
-    model, cfg, step = load_model(args.ckpt, use_ema=not args.raw_weights, device=args.device)
-    masks = None
-    if args.images:
-        with np.load(args.images, allow_pickle=False) as z:
-            images = torch.from_numpy(z["images"][: args.num_images]).float()
-            labels = torch.from_numpy(z["labels"][: args.num_images]).long()
+    ``images``: an .npz with ``images`` (N, C, H, W) in model space, ``labels`` (N,) and optionally
+    ``masks`` (N, H, W) — the first ``num_images`` are used. Without it, for MNIST models
+    (``data_name == "mnist"``): ``num_images`` random digits of the held-out test split (seeded).
+    """
+    if images:
+        masks = None
+        with np.load(images, allow_pickle=False) as z:
+            x = torch.from_numpy(z["images"][:num_images]).float()
+            y = torch.from_numpy(z["labels"][:num_images]).long()
             if "masks" in z.files:
-                masks = torch.from_numpy(z["masks"][: args.num_images]).bool()
-        source = str(args.images)
-    elif cfg.data.name == "mnist":
+                masks = torch.from_numpy(z["masks"][:num_images]).bool()
+        return x, y, masks, str(images)
+    if data_name == "mnist":
         from ..data.mnist import load_mnist_tensors
 
         x, y = load_mnist_tensors("test")
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.num_images]
-        images, labels = x[idx], y[idx]
-        source = "dcdit.data.mnist test split"
-    else:
-        raise ValueError("pass --images (an .npz with images, labels and masks at the latent grid) for latent models")
-    rets = foreground_retention_curve(model, images, labels, args.timesteps, args.threshold, masks,
-                                      seed=args.seed, tail_dropping_fraction=args.tail_dropping_fraction)
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:num_images]
+        return x[idx], y[idx], None, "dcdit.data.mnist test split"
+    raise ValueError("pass --images (an .npz with images, labels and masks at the latent grid) for latent models")
+
+
+def analyze_router(
+    ckpt,
+    out="router_analysis",
+    *,
+    timesteps: Sequence[int] = (999, 750, 500, 250, 100, 20),
+    images=None,
+    num_images: int = 100,
+    threshold: float = 0.0,
+    tail_dropping_fraction: float = 0.0,
+    sampling_steps: int = 0,
+    seed: int = 0,
+    raw_weights: bool = False,
+    device: str = "cpu",
+) -> tuple[list[dict], dict]:
+    """``dcdit analyze-router``: the retention curve of a checkpoint (and, with ``sampling_steps`` > 0,
+    compression vs timestep over a DDIM run of one sample per label, at most 10) -> figures + JSON in
+    ``out``. Returns (the retention results, {name: path} of the files written)."""
+    from ..checkpoint import load_model
+
+    model, cfg, step = load_model(ckpt, use_ema=not raw_weights, device=device)
+    x, y, masks, source = load_analysis_images(images, num_images, data_name=cfg.data.name, seed=seed)
+    rets = foreground_retention_curve(model, x, y, timesteps, threshold, masks,
+                                      seed=seed, tail_dropping_fraction=tail_dropping_fraction)
     comp = None
-    if args.sampling_steps > 0:
+    if sampling_steps > 0:
         from ..sampling import generate
 
-        res = generate(model, labels[: min(len(labels), 10)], sampler="ddim", num_sampling_steps=args.sampling_steps,
-                       seed=args.seed, tail_dropping_fraction=args.tail_dropping_fraction, num_snapshots=0,
+        res = generate(model, y[: min(len(y), 10)], sampler="ddim", num_sampling_steps=sampling_steps,
+                       seed=seed, tail_dropping_fraction=tail_dropping_fraction, num_snapshots=0,
                        clip_denoised=cfg.data.name != "latents")
         comp = compression_vs_timestep(res.trace)
-    extra = {"ckpt": str(args.ckpt), "ckpt_step": step, "weights": "raw" if args.raw_weights else "ema",
-             "images": source, "num_images": int(len(images)), "threshold": args.threshold}
-    files = plot_router_analysis(args.out, rets, comp, extra=extra)
-    for r in rets:
-        print(f"t={r['t']:>4}: fg kept {r['mean_fg_retention']:.3f}  bg kept {r['mean_bg_retention']:.3f}  "
-              f"fg share of kept {r['mean_fg_share_of_kept']:.3f}  (fg fraction {r['mean_fg_fraction']:.3f})")
-    print(json.dumps(files, indent=2))
-    return 0
+    extra = {"ckpt": str(ckpt), "ckpt_step": step, "weights": "raw" if raw_weights else "ema",
+             "images": source, "num_images": int(len(x)), "threshold": threshold}
+    return rets, plot_router_analysis(out, rets, comp, extra=extra)
+
+
+def retention_summary(rets: list[dict]) -> list[str]:
+    """One line per timestep: mean fg / bg retention, fg share of kept tokens, fg fraction."""
+    return [f"t={r['t']:>4}: fg kept {r['mean_fg_retention']:.3f}  bg kept {r['mean_bg_retention']:.3f}  "
+            f"fg share of kept {r['mean_fg_share_of_kept']:.3f}  (fg fraction {r['mean_fg_fraction']:.3f})"
+            for r in rets]

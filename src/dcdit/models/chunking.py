@@ -71,12 +71,29 @@ class RoutingRecord:
         return out
 
 
-def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tensor) -> torch.Tensor:
+TAIL_DROP_ROUNDINGS = ("tolerant", "float32")
+
+
+def drop_counts(n: torch.Tensor, f: torch.Tensor, rounding: str = "tolerant") -> torch.Tensor:
+    """How many boundaries a sample drops: ⌊f·n⌋, at most n − 1 (one token always stays).
+
+    ``"tolerant"`` (ours) floors f·n in float64 with a relative tolerance of 1e-6, so that decimal
+    fractions such as 0.29·100 (or a float32 0.9·50) give 29 (45), not 28 (44). ``"float32"`` is the
+    release's ``(n.float() * f).long()``: f and the product in float32, so 0.7·10 = 6.9999999 drops 6.
+    """
+    if rounding == "tolerant":
+        return torch.floor(f * n.double() + 1e-6 * n.clamp_min(1).double()).long().minimum(n - 1)
+    if rounding == "float32":
+        return (n.float() * f.float()).long().minimum(n - 1)
+    raise ValueError(f"model.tail_drop_rounding must be one of {', '.join(TAIL_DROP_ROUNDINGS)}, got {rounding!r}")
+
+
+def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tensor, rounding: str = "tolerant") -> torch.Tensor:
     """Drop the ⌊f·n⌋ lowest-p boundaries of each sample (elastic inference, the authors' release; README "Elastic inference").
 
     p, mask: (B, L); fraction: a float or a (B,) tensor in [0, 1). Returns the kept mask (B, L).
-    Equal p values are dropped lowest grid index first. ⌊f·n⌋ is taken with a relative tolerance of
-    1e-6 so that decimal fractions such as 0.29·100 (or a float32 0.9·50) give 29 (45), not 28 (44).
+    Equal p values are dropped lowest grid index first; ``rounding`` says how ⌊f·n⌋ is taken
+    (:func:`drop_counts`).
     """
     B, L = p.shape
     f = torch.as_tensor(fraction, dtype=torch.float64, device=p.device).expand(B)
@@ -85,7 +102,7 @@ def tail_drop(p: torch.Tensor, mask: torch.Tensor, fraction: float | torch.Tenso
     if not (f > 0).any():
         return mask
     n = mask.sum(1)
-    n_drop = torch.minimum(torch.floor(f * n.double() + 1e-6 * n.clamp_min(1).double()).long(), n - 1)  # (B,); one token always stays
+    n_drop = drop_counts(n, f, rounding)  # (B,)
     score = torch.where(mask, p, torch.full_like(p, float("inf")))
     order = torch.sort(score, dim=1, stable=True).indices  # lowest-p boundaries first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=p.device).expand(B, L))
@@ -112,8 +129,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def route_and_plan(p, natural_mask, fraction, grid) -> RoutingRecord:
+def route_and_plan(p, natural_mask, fraction, grid, rounding: str = "tolerant") -> RoutingRecord:
     """Tail-drop the natural boundaries and plan the inner slots: the complete routing decision."""
-    kept_mask = tail_drop(p, natural_mask, fraction)
+    kept_mask = tail_drop(p, natural_mask, fraction, rounding)
     kept_idx, kept_count = plan_slots(p, kept_mask)
     return RoutingRecord(p, natural_mask, kept_mask, kept_idx, kept_count, tuple(grid))

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .chunking import RoutingRecord, gather_tokens, route_and_plan
+from .chunking import TAIL_DROP_ROUNDINGS, RoutingRecord, gather_tokens, route_and_plan
 from .conv_blocks import ConvStage
 from .dechunking import DeChunk
 from .dit_block import DiTBlock, FinalLayer
 from .dydit import DyDiTRecord, DynamicDiTBlock
+from .norms import stack_norm
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .dit import init_conditioning_and_gates, xavier_init_linears
 from .guidance import guide
@@ -63,12 +64,21 @@ class DCDiT(nn.Module):
         dydit_token_hidden_ratio: float = 1 / 16,
         dydit_tau: float = 5.0,
         dydit_threshold: float = 0.5,
+        conv_norm_eps: float = 1e-6,
+        conv_stack_norm: str = "layernorm",
+        inner_stack_norm: str = "none",
+        router_centre_tap: bool = False,
+        inner_adaln_init: str = "zero",
+        dechunk_eps: float = 0.0,
+        tail_drop_rounding: str = "tolerant",
     ):
         super().__init__()
         D = hidden_size
         d = encoder_width or D // 4
         if residual_init not in ("zero", "xavier"):
-            raise ValueError(f"residual_init must be 'zero' (H-Net) or 'xavier' (the authors' release), got {residual_init!r}")
+            raise ValueError(f"model.residual_init must be 'zero' (H-Net) or 'xavier' (the authors' release), got {residual_init!r}")
+        if inner_adaln_init not in ("zero", "xavier"):
+            raise ValueError(f"model.inner_adaln_init must be 'zero' (adaLN-Zero) or 'xavier' (the authors' release), got {inner_adaln_init!r}")
         if encoder_blocks < 1 or decoder_blocks < 1:
             raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
         self.grid = as_grid(input_size)
@@ -81,6 +91,10 @@ class DCDiT(nn.Module):
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
         self.residual_init = residual_init
+        self.inner_adaln_init = inner_adaln_init
+        if tail_drop_rounding not in TAIL_DROP_ROUNDINGS:
+            raise ValueError(f"model.tail_drop_rounding must be one of {', '.join(TAIL_DROP_ROUNDINGS)}, got {tail_drop_rounding!r}")
+        self.tail_drop_rounding = tail_drop_rounding
         self.mask_padding = mask_padding
         self.dydit = dydit
 
@@ -90,9 +104,9 @@ class DCDiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob)
         # 1. Encoder at d, its last block projecting up to D.
         enc = [(d, d, d)] * (encoder_blocks - 1) + [(d, d, D)]
-        self.encoder = ConvStage(enc, D, conv_norm_groups, cond_adaptor)
+        self.encoder = ConvStage(enc, D, conv_norm_groups, cond_adaptor, conv_norm_eps, conv_stack_norm)
         # 2. Router.  3. Chunking has no parameters; positions are a fixed 2D sin-cos table.
-        self.router = build_router(router, D, target_ratio)
+        self.router = build_router(router, D, target_ratio, centre_tap=router_centre_tap)
         # Token (r, c) sits at ((r − pos_offset)·pos_scale, (c − pos_offset)·pos_scale): the identity by
         # default; an upcycled DiT/P uses the centre of its P×P patch grid (see dcdit.upcycle).
         pos = torch.from_numpy(get_2d_sincos_pos_embed(D, self.grid, pos_scale, pos_offset)).float()
@@ -103,21 +117,27 @@ class DCDiT(nn.Module):
                                                          dydit_threshold) for _ in range(depth)])
         else:
             self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])
+        self.inner_norm = stack_norm(inner_stack_norm, D)  # the release ends the inner stack with an RMSNorm
         # 5. De-chunking, and the residual around the inner network (kept in fp32).
-        self.dechunk = DeChunk(dechunk_sigma)
+        self.dechunk = DeChunk(dechunk_sigma, eps=dechunk_eps)
         self.residual_proj = nn.Linear(D, D)
         # 6. Decoder at d, its first block projecting D down; DiT's final layer (cond width D).
         dec = [(D, d, d)] + [(d, d, d)] * (decoder_blocks - 1)
-        self.decoder = ConvStage(dec, D, conv_norm_groups, cond_adaptor)
+        self.decoder = ConvStage(dec, D, conv_norm_groups, cond_adaptor, conv_norm_eps, conv_stack_norm)
         self.final_layer = FinalLayer(d, 1, self.out_channels, cond_size=D)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """DiT's scheme (Xavier Linears, zero adaLN gates and output) plus the router's own init
         (identity projections, averaging kernel) and the residual projection: weight zero as in
-        H-Net (``residual_init="zero"``, default) or Xavier as the authors' release ends up with."""
+        H-Net (``residual_init="zero"``, default) or Xavier as the authors' release ends up with.
+
+        ``inner_adaln_init="xavier"`` reproduces how the release really initialises: its adaLN-Zero
+        step tests the inner blocks against a class that a double import made distinct, so their
+        modulation Linears keep the Xavier init (bias 0) and only the final layer starts at zero
+        (docs/release.md)."""
         xavier_init_linears(self)
-        init_conditioning_and_gates(self, self.label_embed_std)
+        init_conditioning_and_gates(self, self.label_embed_std, zero_blocks=self.inner_adaln_init == "zero")
         if hasattr(self.router, "reset_parameters"):
             self.router.reset_parameters()
         for block in self.blocks:
@@ -149,7 +169,7 @@ class DCDiT(nn.Module):
         fractions = torch.as_tensor(tail_dropping_fraction, dtype=torch.float64, device=x.device).expand(B)
         records, zs = [], []
         for g in torch.arange(B, device=x.device).chunk(budget_groups):
-            record = route_and_plan(p[g], natural[g], fractions[g], self.grid)
+            record = route_and_plan(p[g], natural[g], fractions[g], self.grid, self.tail_drop_rounding)
             zs.append(self.process_chunks(h[g], c[g], record, t_emb[g]))  # 3.–5. chunk, inner blocks, de-chunk
             records.append(record)
         record = RoutingRecord.cat(records) if budget_groups > 1 else records[0]
@@ -171,6 +191,7 @@ class DCDiT(nn.Module):
         dy = {"t_emb": t_emb, "stats": []} if self.dydit else {}
         for block in self.blocks:  # 4. inner DiT blocks on M ≤ L tokens
             z = block(z, c, kv_mask, **dy)
+        z = self.inner_norm(z)
         if self.dydit:
             real = kv_mask if kv_mask is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             record.dydit = DyDiTRecord.from_blocks(dy["stats"], real)

@@ -57,9 +57,10 @@ _NEGLIGIBLE_EXPONENT = 60.0
 class DeChunk(nn.Module):
     """z (B, M, D) inner outputs + routing record -> (B, L, D) on the full grid."""
 
-    def __init__(self, sigma: float = 1.0):
+    def __init__(self, sigma: float = 1.0, eps: float = 0.0):
         super().__init__()
         self.sigma = sigma
+        self.eps = eps  # added to every row's weight sum; the release adds 1e-8
 
     def smooth(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Gaussian smoothing over the real kept tokens: (B, M, D) -> (B, M, D)."""
@@ -72,7 +73,7 @@ class DeChunk(nn.Module):
         w = w * real[:, None, :]  # padding slots are not sources
         # A real row always has W_ii = p_i > 0. A padding row (never read by plug-back) may underflow
         # to an all-zero row: add 1 to its denominator so no 0/0 reaches the backward pass.
-        w = w / (w.sum(-1, keepdim=True) + (~real)[..., None])
+        w = w / (w.sum(-1, keepdim=True) + (~real)[..., None] + self.eps)
         h_tilde = torch.bmm(w, z)
         return p[..., None] * z + (1 - p[..., None]) * h_tilde
 

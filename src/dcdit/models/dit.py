@@ -27,7 +27,7 @@ def xavier_init_linears(model: nn.Module) -> None:
                 nn.init.constant_(module.bias, 0)
 
 
-def init_conditioning_and_gates(model: nn.Module, label_embed_std: float = 0.02) -> None:
+def init_conditioning_and_gates(model: nn.Module, label_embed_std: float = 0.02, zero_blocks: bool = True) -> None:
     """DiT's embedder init (N(0, 0.02)) and adaLN-Zero: every block's modulation and the final layer
     start at zero, so each block is the identity and the output is 0. Shared by DiT and DC-DiT.
 
@@ -41,7 +41,7 @@ def init_conditioning_and_gates(model: nn.Module, label_embed_std: float = 0.02)
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=label_embed_std)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    for block in model.blocks:
+    for block in model.blocks if zero_blocks else ():  # zero_blocks=False: the DC-DiT release's init
         nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
     for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):

@@ -69,15 +69,20 @@ class CosineRouter(nn.Module):
 class PredictabilityRouter(nn.Module):
     """The authors' release: a token is a boundary when its neighbours do not predict it.
 
-    z = Conv1×1(h) at D/4; ẑ = Conv3×3(z) with the centre tap masked (each token is predicted from its
-    8 neighbours only — our reading of "predicts each token from its neighbourhood"); the residual
-    z − ẑ goes through Conv3×3 → GroupNorm(8) → SiLU → Conv1×1 → one logit whose bias starts at −1.1
-    (p ≈ 0.25). As in the release the first and the last token are forced to p = 1 (they count in
-    the ratio loss and carry no gradient).
+    z = Conv1×1(h) at D/4; ẑ = Conv3×3(z) (zero padding) predicts each token from its neighbourhood;
+    the residual z − ẑ goes through Conv3×3 → GroupNorm(8) → SiLU → Conv1×1 → one logit whose bias
+    starts at −1.1 (p ≈ 0.25). As in the release the first and the last token are forced to p = 1
+    (they count in the ratio loss and carry no gradient).
+
+    ``centre_tap``: the release's predictor is an ordinary 3×3 conv, so the prediction may use the
+    token itself (``True``, release-exact). ``False`` (our original reading, the default so that
+    older checkpoints keep their behaviour) masks the centre weight: a token is predicted from its 8
+    neighbours only, so a token can never explain itself away.
     """
 
-    def __init__(self, dim: int, norm_groups: int = 8):
+    def __init__(self, dim: int, norm_groups: int = 8, centre_tap: bool = False):
         super().__init__()
+        self.centre_tap = centre_tap
         r = dim // 4
         self.reduce = nn.Conv2d(dim, r, 1)
         self.predict = nn.Conv2d(r, r, 3, padding=1)
@@ -92,7 +97,8 @@ class PredictabilityRouter(nn.Module):
     def forward(self, h: torch.Tensor, grid: tuple[int, int]):
         with _fp32(h.device.type):
             z = self.reduce(to_grid(h.float(), grid))
-            z_hat = F.conv2d(z, self.predict.weight * self.neighbour_mask, self.predict.bias, padding=1)
+            weight = self.predict.weight if self.centre_tap else self.predict.weight * self.neighbour_mask
+            z_hat = F.conv2d(z, weight, self.predict.bias, padding=1)
             p = torch.sigmoid(self.score(z - z_hat)).flatten(1)  # (B, L)
             forced = torch.zeros_like(p, dtype=torch.bool)
             forced[:, 0] = forced[:, -1] = True
@@ -115,8 +121,8 @@ class RandomRouter(nn.Module):
         return p, hard_boundaries(p, threshold=1.0 - self.rate)
 
 
-def build_router(kind: str, dim: int, target_ratio: float) -> nn.Module:
-    routers = {"cosine": lambda: CosineRouter(dim), "predictability": lambda: PredictabilityRouter(dim),
+def build_router(kind: str, dim: int, target_ratio: float, centre_tap: bool = False) -> nn.Module:
+    routers = {"cosine": lambda: CosineRouter(dim), "predictability": lambda: PredictabilityRouter(dim, centre_tap=centre_tap),
                "random": lambda: RandomRouter(target_ratio)}
     if kind not in routers:
         raise ValueError(f"unknown router {kind!r}; choose one of {sorted(routers)}")

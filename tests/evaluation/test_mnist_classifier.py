@@ -1,8 +1,6 @@
-"""The shipped MNIST classifier and the MNIST metrics built on it."""
+"""dcdit.evaluation.mnist_classifier: the shipped MNIST classifier and the MNIST metrics built on it."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -10,16 +8,8 @@ import torch
 import torch.nn as nn
 
 from dcdit.data.mnist import load_mnist_tensors
-from dcdit.evaluation import fid as F
 from dcdit.evaluation import mnist_classifier as M
-from dcdit.sampling import to_uint8_images, write_npz
-
-
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return load_mnist_tensors("test")
+from dcdit.sampling import to_uint8_images
 
 
 def test_shipped_classifier_reaches_95_percent_on_held_out_split(test_split):
@@ -51,6 +41,32 @@ def test_mnist_metrics_on_real_test_digits(test_split):
     # a different distribution (the train split vs the test reference) is further away than test vs itself
     xt, _ = load_mnist_tensors("train")
     assert M.mnist_metrics(xt[::9])["mnist_fid"] > 1e-3
+
+
+def test_mnist_fid_agrees_with_torchmetrics_on_real_digits(test_split):
+    """MNIST-FID of 500 train digits against the test split, recomputed by torchmetrics'
+    FrechetInceptionDistance with the shipped classifier's penultimate layer as its feature network:
+    catches wrong features (e.g. logits, or before the ReLU), a wrong reference split or a cached
+    reference from another classifier."""
+    fid_cls = pytest.importorskip("torchmetrics.image.fid").FrechetInceptionDistance
+    model, _ = M.load_classifier()
+
+    class Penultimate(nn.Module):
+        num_features = model.feature_dim
+
+        def forward(self, x):
+            return model.features(x)
+
+    x_test, _ = test_split
+    x_train, _ = load_mnist_tensors("train")
+    samples = x_train[::9]
+    tm = fid_cls(feature=Penultimate(), normalize=True).set_dtype(torch.float64)
+    with torch.no_grad():
+        tm.update(x_test, real=True)
+        tm.update(samples, real=False)
+    ours = M.mnist_metrics(samples)["mnist_fid"]
+    assert ours == pytest.approx(float(tm.compute()), rel=1e-6)  # torchmetrics returns float32 here (the features dtype)
+    assert ours > 0.5  # a real distance (0.79), not the zero of identical sets
 
 
 class CodedStub(nn.Module):
@@ -102,70 +118,15 @@ def test_uint8_roundtrip_is_exact_for_mnist(test_split):
     torch.testing.assert_close(back, x[:50], atol=1e-6, rtol=0)
 
 
-def test_evaluate_npz_of_test_digits_with_labels(tmp_path, test_split):
-    x, y = test_split
-    np.savez(tmp_path / "samples.npz", arr_0=to_uint8_images(x), arr_1=y.numpy())
-    res = F.evaluate_samples(str(tmp_path / "samples.npz"))  # auto: 32x32 gray -> MNIST metrics
-    mm = res["metrics"]["mnist"]
-    assert res["evaluation_settings"]["metrics"] == ["mnist"]
-    assert mm["labels_source"].endswith("arr_1")
-    assert abs(mm["mnist_fid"]) < 1e-4 and mm["class_accuracy"] >= 0.95
-    # labels from settings.json when the npz has none
-    write_npz(to_uint8_images(x[:20]), tmp_path / "run" / "samples.npz")
-    (tmp_path / "run" / "settings.json").write_text(json.dumps({"labels": y[:20].tolist(), "cfg_scale": 2.0}))
-    res = F.evaluate_samples(str(tmp_path / "run" / "samples.npz"))
-    assert res["metrics"]["mnist"]["labels_source"] == "settings.json:labels"
-    assert res["sampling_settings"]["cfg_scale"] == 2.0
-
-
-def test_grey_background_is_measured_and_warned_about(tmp_path, test_split):
+def test_grey_background_is_measured_and_breaks_the_classifier(test_split):
     """Real digits have a black frame; a uniform grey offset (what undertrained samplers draw) is
-    measured in grey levels, flagged by `evaluate`, and really does break the classifier."""
+    measured in grey levels and really does break the classifier (why `evaluate` warns)."""
     x, y = test_split
-    x = x[:200]
-    y = y[:200]
+    x, y = x[:200], y[:200]
     assert M.background_level(x) == 0.0
     grey = (x + 20 / 127.5).clamp(-1, 1)  # +20 grey levels everywhere
     assert M.background_level(grey) == pytest.approx(20.0, abs=1e-3)
     clean = M.mnist_metrics(x, y)
     shifted = M.mnist_metrics(grey, y)
     assert clean["background_level"] == 0.0 and shifted["background_level"] == pytest.approx(20.0, abs=1e-3)
-    assert clean["class_accuracy"] > 0.95 and shifted["class_accuracy"] < 0.5  # why the warning exists
-    for name, imgs, warned in (("clean", x, False), ("grey", grey, True)):
-        np.savez(tmp_path / f"{name}.npz", arr_0=to_uint8_images(imgs), arr_1=y.numpy())
-        res = F.evaluate_samples(str(tmp_path / f"{name}.npz"))
-        assert any("background is grey" in w for w in res["warnings"]) is warned
-
-
-def test_train_classifier_writes_metadata(tmp_path):
-    out = tmp_path / "clf.safetensors"
-    summary = M.train_classifier(out, epochs=1, seed=3, max_train_images=128, batch_size=64, progress=False,
-                                 width=8, feature_dim=16)
-    assert out.exists() and out.stat().st_size < 1_000_000
-    model, info = M.load_classifier(out)
-    assert info["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-4)
-    assert info["train_settings"]["epochs"] == 1 and info["train_settings"]["seed"] == 3
-    assert info["feature_dim"] == 16 and model.feature_dim == 16
-
-
-def test_evaluate_main_mnist_folder_with_labels_file(tmp_path, test_split, capsys):
-    import argparse
-
-    from PIL import Image
-
-    x, y = test_split
-    u8 = to_uint8_images(x[:30])
-    (tmp_path / "out" / "images").mkdir(parents=True)
-    for i, im in enumerate(u8):
-        Image.fromarray(im).save(tmp_path / "out" / "images" / f"{i:06d}.png")
-    (tmp_path / "out" / "settings.json").write_text(json.dumps({"sampler": "ddim", "num_samples": 30}))
-    (tmp_path / "labels.json").write_text(json.dumps(y[:30].tolist()))
-    p = argparse.ArgumentParser()
-    F.add_evaluate_args(p)
-    args = p.parse_args([str(tmp_path / "out" / "images"), "--labels", str(tmp_path / "labels.json"), "--no-progress"])
-    assert F.evaluate_main(args) == 0
-    res = json.loads((tmp_path / "out" / "evaluation.json").read_text())  # next to settings.json
-    mm = res["metrics"]["mnist"]
-    assert mm["labels_source"] == str(tmp_path / "labels.json") and mm["num_samples"] == 30
-    assert mm["class_accuracy"] >= 0.9 and res["sampling_settings"]["sampler"] == "ddim"
-    assert "class_accuracy" in capsys.readouterr().out
+    assert clean["class_accuracy"] > 0.95 and shifted["class_accuracy"] < 0.5
