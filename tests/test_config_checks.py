@@ -110,8 +110,6 @@ def test_all_problems_in_one_line():
         (["train.ratio_batch_size=5"], "train.ratio_batch_size", "divide train.global_batch_size (32)"),
         (["train.micro_batch_size=8", "train.ratio_batch_size=16"], "train.ratio_batch_size",
          "divide train.micro_batch_size (8)"),
-        (["train.multi_budget.fractions=[0.25]", "train.multi_budget.start_step=3000"], "train.multi_budget.start_step",
-         "below train.steps (3000)"),
         (["train.upcycle.distill_steps=10"], "train.upcycle.distill_steps", "train.upcycle.from_dit"),
         (["train.dydit_router_lr=0.01"], "train.dydit_router_lr", "model.dydit is true"),
         (["data.name=latents", "data.root=null"], "data.root", "dcdit extract-features"),

@@ -71,7 +71,7 @@ def make_cases(tmp_path: Path) -> dict:
         "malformed YAML": (["train", str(tmp_path / "bad.yaml")], 2, ["bad.yaml, line 4, column 6", "fix the file"]),
         "malformed override": (["train", "mnist", "train.lr=[1,"], 2, ["override value '[1,'"]),
         "a .pt as --ckpt": (["sample", "--ckpt", str(tmp_path / "plain.pt"), "--out", out], 2,
-                            ["plain.pt is a torch.save archive", "not a dcdit checkpoint", "dcdit upcycle"]),
+                            ["plain.pt is a torch.save archive", "not a dcdit checkpoint", "dcdit convert-release", "dcdit upcycle"]),
         "a .pt as the config": (["train", str(tmp_path / "plain.pt")], 2, ["plain.pt is not a text (YAML) file"]),
         "input_size=abc": (["train", "mnist", "model.input_size=abc"], 2, ["model.input_size is 'abc'", "list of two integers"]),
         "train.steps=0": (["train", "mnist", "train.steps=0"], 2, ["train.steps is 0", "integer >= 1"]),

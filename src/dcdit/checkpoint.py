@@ -49,6 +49,8 @@ from .utils import atomic_write_text, sha256_file
 CONFIG_KEY = "dcdit_config"
 #: The files of a training checkpoint (all needed to resume; sampling needs one of the weights).
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "training_state.pt", "config.yaml")
+#: What a checkpoint without a manifest must hold (older dcdit checkpoints, converted release runs).
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 MANIFEST_FILE = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 
@@ -179,12 +181,14 @@ def _header_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problems(folder: str | os.PathLike, require: tuple[str, ...] = CHECKPOINT_FILES, full: bool = False) -> list[str]:
+def checkpoint_problems(folder: str | os.PathLike, require: tuple[str, ...] | None = None, full: bool = False) -> list[str]:
     """What is wrong with the files ``require`` of one checkpoint folder; [] when it is intact.
+    ``require=None``: every file its manifest lists, or the two weight files when it has no manifest
+    (checkpoints written before manifests existed, converted release runs).
 
-    Cheap by default: each file exists, has the size the manifest recorded (checkpoints written before
-    manifests existed skip this), and its header reads (safetensors header and metadata, the zip
-    directory of ``training_state.pt``, the YAML). ``full=True`` also compares every file's SHA-256."""
+    Cheap by default: each file exists, has the size the manifest recorded, and its header reads
+    (safetensors header and metadata, the zip directory of ``training_state.pt``, the YAML).
+    ``full=True`` also compares every file's SHA-256 with the manifest."""
     folder = Path(folder)
     if not folder.is_dir():
         return ["the folder does not exist"]
@@ -195,7 +199,7 @@ def checkpoint_problems(folder: str | os.PathLike, require: tuple[str, ...] = CH
         except (OSError, ValueError, KeyError, TypeError):
             return [f"{MANIFEST_FILE} is unreadable"]
     problems = []
-    for name in require:
+    for name in require or tuple(recorded) or WEIGHT_FILES:
         path, entry = folder / name, recorded.get(name)
         if not path.is_file():
             problems.append(f"{name} is missing")
@@ -221,7 +225,7 @@ def _numbered(ckpt_root: Path) -> list[Path]:
     return sorted((p for p in ckpt_root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
-def newest_intact_checkpoint(ckpt_root: Path, require: tuple[str, ...] = CHECKPOINT_FILES) -> Path:
+def newest_intact_checkpoint(ckpt_root: Path, require: tuple[str, ...] | None = None) -> Path:
     """The checkpoint ``latest`` names if it is intact, else the newest intact one (with a warning
     naming the damaged ones); a :class:`CheckpointError` listing every problem when none is intact."""
     latest = _read_latest(ckpt_root)
@@ -239,10 +243,11 @@ def newest_intact_checkpoint(ckpt_root: Path, require: tuple[str, ...] = CHECKPO
                           "Start a new run (another --out) or restore a copy of the run folder")
 
 
-def find_checkpoint(path: str | os.PathLike, require: tuple[str, ...] = CHECKPOINT_FILES) -> Path:
+def find_checkpoint(path: str | os.PathLike, require: tuple[str, ...] | None = None) -> Path:
     """A run folder, its ``checkpoints`` folder, or one checkpoint folder -> the checkpoint folder whose
-    files ``require`` are intact. For a run, that is ``latest`` or, when it is damaged, the newest
-    intact checkpoint (with a warning); a checkpoint folder named directly must be intact itself."""
+    files ``require`` (default: all it was written with, see :func:`checkpoint_problems`) are intact.
+    For a run, that is ``latest`` or, when it is damaged, the newest intact checkpoint (with a warning);
+    a checkpoint folder named directly must be intact itself."""
     path = Path(path)
     for root in (path / "checkpoints", path):
         if root.is_dir() and ((root / "latest").exists() or _numbered(root)):
@@ -282,7 +287,8 @@ def _not_safetensors(path: Path, error: Exception) -> str:
                 f"folder {path.parent} or its ema.safetensors")
     if kind:
         return (f"{path} is {kind} (a PyTorch .pt file), not a dcdit checkpoint: pass a run folder, a checkpoint "
-                f"folder or a .safetensors file written by `dcdit train`; an official DiT .pt becomes a DC-DiT with "
+                f"folder or a .safetensors file written by `dcdit train`. A checkpoint of the authors' DC-DiT release "
+                f"converts with `dcdit convert-release {path} --out RUN`; an official DiT .pt becomes a DC-DiT with "
                 f"`dcdit upcycle CONFIG --dit {path} --out model.safetensors`")
     return (f"{path} is not a readable .safetensors file ({one_line(error)}): it is truncated or corrupt; "
             "pass its run folder to use the newest intact checkpoint")

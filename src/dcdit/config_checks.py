@@ -97,6 +97,8 @@ def rules() -> dict[str, Rule]:
     section by section: it reads better whole than split."""
     from .data import DATASETS
     from .diffusion.schedules import NOISE_SCHEDULES
+    from .models.chunking import TAIL_DROP_ROUNDINGS
+    from .models.norms import STACK_NORMS
 
     positive = number(0, lo_open=True)
     fraction = number(0, 1, hi_open=True)
@@ -131,6 +133,13 @@ def rules() -> dict[str, Rule]:
         "dydit_token_hidden_ratio": positive,
         "dydit_tau": positive,
         "dydit_threshold": number(0, 1, lo_open=True, hi_open=True),
+        "conv_norm_eps": positive,
+        "conv_stack_norm": choice(*STACK_NORMS),
+        "inner_stack_norm": choice(*STACK_NORMS),
+        "router_centre_tap": FLAG,
+        "inner_adaln_init": choice("zero", "xavier"),
+        "dechunk_eps": number(0),
+        "tail_drop_rounding": choice(*TAIL_DROP_ROUNDINGS),
     }
     data = {
         "name": choice(*sorted(DATASETS)),
@@ -150,6 +159,8 @@ def rules() -> dict[str, Rule]:
         "grad_clip": Rule("a finite number >= 0 (0 = no clipping)", number(0).ok),
         "ratio_loss_weight": number(0),
         "ratio_batch_size": integer(1),
+        "target_ratio_start": optional(number(1, lo_open=True)),  # the curriculum's first N (ratio loss: N > 1)
+        "target_ratio_warmup_steps": integer(0),
         "multi_budget.fractions": FRACTIONS,
         "multi_budget.start_step": integer(0),
         "upcycle.from_dit": optional(TEXT),
@@ -247,9 +258,6 @@ def _train_problems(cfg) -> Iterator[str]:
     mb = t.multi_budget
     if mb.fractions and arch != "dcdit":
         yield _problem("train.multi_budget.fractions", mb.fractions, "be empty for a DiT (tail dropping needs DC-DiT's router)")
-    if mb.fractions and mb.start_step >= t.steps:
-        yield _problem("train.multi_budget.start_step", mb.start_step,
-                       f"be below train.steps ({t.steps}), or multi-budget training never starts")
     up = t.upcycle
     if up.from_dit and arch != "dcdit":
         yield _problem("train.upcycle.from_dit", up.from_dit, "be null unless model.arch is dcdit (upcycling builds a DC-DiT)")

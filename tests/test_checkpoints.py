@@ -98,7 +98,7 @@ def test_a_write_killed_midway_leaves_only_a_temporary(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import dcdit.checkpoint as C
-        from test_checkpoint import Parts
+        from test_checkpoints import Parts
         parts = Parts()
         parts.save({str(tmp_path / 'run')!r}, 2)
         real = C.save_weights
@@ -230,9 +230,20 @@ def test_damage_is_found_without_a_manifest(run_with_two, damage):
     """Checkpoints written before manifests existed: the headers alone reveal truncation."""
     latest = run_with_two / "checkpoints" / "0000004"
     (latest / "manifest.json").unlink()
-    assert checkpoint_problems(latest) == []
+    assert checkpoint_problems(latest, CHECKPOINT_FILES) == []
     DAMAGE[damage](latest)
-    assert checkpoint_problems(latest)
+    assert checkpoint_problems(latest, CHECKPOINT_FILES)
+
+
+def test_without_a_manifest_the_weights_are_what_is_required(run_with_two):
+    """A run converted from the release (weights and config only) is intact; a missing weight file is not."""
+    latest = run_with_two / "checkpoints" / "0000004"
+    for name in ("manifest.json", "training_state.pt"):
+        (latest / name).unlink()
+    assert find_checkpoint(run_with_two) == latest
+    (latest / "model.safetensors").unlink()
+    with pytest.warns(DcditWarning, match="model.safetensors is missing"):
+        assert find_checkpoint(run_with_two) == run_with_two / "checkpoints" / "0000002"
 
 
 def test_a_flipped_data_byte_needs_the_full_check(run_with_two):
