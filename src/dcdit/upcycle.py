@@ -91,7 +91,7 @@ def _dcdit_dit_weights(path: Path):
     from .checkpoint import CONFIG_KEY, find_checkpoint, load_model
 
     try:
-        weights = find_checkpoint(path, require=("ema.safetensors",)) / "ema.safetensors" if path.is_dir() else path
+        weights = find_checkpoint(path) / "ema.safetensors" if path.is_dir() else path
     except FileNotFoundError:
         return None
     if weights.suffix != ".safetensors" or not weights.exists():
