@@ -184,8 +184,8 @@ def test_demo_train_retrains_from_scratch_and_samples_the_new_run(tmp_path):
         (["model.widht=64"], "valid keys"),
         (["optim.lr=1"], "top-level"),
         (["train.steps=many"], "expected int"),
-        (["model.router=magic"], "unknown router"),
-        (["data.name=imagenet"], "valid names"),
+        (["model.router=magic"], "model.router is 'magic'; it must be one of cosine"),
+        (["data.name=imagenet"], "data.name is 'imagenet'; it must be one of latents, mnist"),
     ],
 )
 def test_bad_configs_are_explained(tmp_path, capsys, overrides, message):

@@ -177,9 +177,8 @@ def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
 
 
 def test_bad_batch_split_is_explained():
-    cfg = load_run_config("mnist", TINY + ["train.micro_batch_size=3"])
-    with pytest.raises(ValueError, match="global_batch_size"):
-        train(cfg, "/tmp/never-written", progress=False)
+    with pytest.raises(ValueError, match="global_batch_size"):  # refused when the config is resolved
+        train(load_run_config("mnist", TINY + ["train.micro_batch_size=3"]), "/tmp/never-written", progress=False)
 
 
 def test_multi_budget_draws_from_the_set_after_the_start_step(tmp_path):
@@ -242,9 +241,13 @@ def test_dydit_router_lr_puts_exactly_the_routers_in_their_own_group():
     expected = {n for n, _ in model.named_parameters() if "_router." in n}
     assert groups[1]["lr"] == 1e-2 and groups[0]["lr"] == 1e-4 and routers == expected and expected
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
-    plain = load_run_config("mnist", TINY + ["train.dydit_router_lr=1e-2"])
+    import dataclasses
+
+    plain = load_run_config("mnist", TINY)
     with pytest.raises(ValueError, match="no DyDiT routers"):
-        parameter_groups(build_model(plain.model), plain.train)
+        parameter_groups(build_model(plain.model), dataclasses.replace(plain.train, dydit_router_lr=1e-2))
+    with pytest.raises(ValueError, match="no DyDiT routers"):  # and already when the config is resolved
+        load_run_config("mnist", TINY + ["train.dydit_router_lr=1e-2"])
 
 
 def test_ema_warmup_follows_the_closed_form(tmp_path):

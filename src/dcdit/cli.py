@@ -164,9 +164,12 @@ def cmd_extract_features(args) -> int:
     meta = extract_features(
         args.images, args.out, vae, image_size=args.image_size, batch_size=args.batch_size,
         shard_size=args.shard_size, vae_id=args.vae, latent_scale=args.latent_scale, device=device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, strict=args.strict, overwrite=args.overwrite,
     )
-    print(json.dumps({k: meta[k] for k in ("num_images", "num_classes", "latent_shape", "vae_id", "latent_scale")}, indent=2))
+    print(json.dumps({k: meta.get(k) for k in ("num_images", "num_skipped", "num_classes", "latent_shape", "vae_id",
+                                               "latent_scale")}, indent=2))
+    if meta.get("num_skipped"):
+        print(f"skipped {meta['num_skipped']} unreadable image(s), listed in {Path(args.out) / meta['skipped_report']}")
     return 0
 
 
@@ -286,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-scale", type=float, default=0.18215)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=20_000, help="images per shard")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image, naming it (default: skip it and list it in "
+                        "OUT/skipped_images.json); finished shards are kept either way")
+    p.add_argument("--overwrite", action="store_true", help="replace an extraction with other settings already in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract_features)
@@ -365,18 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command; a failure the user can cause ends in one line on stderr naming the file
+    or key and the fix (dcdit.errors), a traceback only with --debug or DCDIT_DEBUG=1."""
+    from .errors import DEBUG_ENV, debug_requested, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1); "
+                                                             "accepted anywhere on the command line")
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
     if extra:  # section.key=value overrides may also follow the options
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dcdit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, args.command, debug=debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 import torch.nn as nn
 import yaml
 
+from .config_checks import check_config_dict, check_run_config, read_config_file
+
 
 @dataclass
 class ModelConfigBase:
@@ -354,14 +356,16 @@ def _dataclass_from_dict(cls, d: dict, where: str):
     return cls(**kwargs)
 
 
-def run_config_from_dict(d: dict) -> RunConfig:
+def run_config_from_dict(d: dict, check: bool = True) -> RunConfig:
+    """``check=False`` skips the range and consistency checks (a checkpoint's saved config loads as written)."""
+    check_config_dict(d)  # sections are mappings, lists are lists (dcdit.config_checks)
     unknown = sorted(set(d) - {"model", *_SECTIONS})
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; valid: model, {', '.join(_SECTIONS)}")
     cfg = RunConfig(model=model_config_from_dict(d.get("model") or {}))
     for name, cls in _SECTIONS.items():
         setattr(cfg, name, _dataclass_from_dict(cls, d.get(name) or {}, name))
-    return cfg
+    return check_run_config(cfg) if check else cfg  # ranges and consistency of every key (dcdit.config_checks)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:
@@ -381,8 +385,7 @@ def read_yaml_with_bases(path: str | os.PathLike) -> dict:
     """A YAML file as a dict; ``_base_: other.yaml`` (or a list of them, relative to the file) is
     read first and deep-merged under it. A bare name is also looked up among the packaged configs."""
     path = resolve_config_path(path)
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
+    d = read_config_file(path)  # a mapping of sections, or a one-line error naming the file (dcdit.config_checks)
     bases = d.pop("_base_", [])
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,127 @@ def test_resume_rerun_and_settings_change(vae, image_root, extracted, tmp_path):
         extract_features(image_root, out, vae, **kw2)
     meta2 = extract_features(image_root, out, vae, overwrite=True, **kw2)
     assert meta2["vae_id"] == "other/vae" and read_latent_meta(out)["vae_id"] == "other/vae"
+
+
+# --------------------------------------------------------------------------------------------------
+# unreadable images (issue 18): skipped and reported, or with strict=True a stop naming the file
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def messy_root(tmp_path_factory, image_root):
+    """The six images of ``image_root`` plus a truncated PNG (cat, between img1 and img2) and a text
+    file named like a JPEG (dog, last): ImageFolder indices 2 and 7 are unreadable."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("messy")
+    for c in SIZES:
+        shutil.copytree(image_root / c, root / c)
+    png = (image_root / "cat" / "img2.png").read_bytes()
+    (root / "cat" / "img1b.png").write_bytes(png[: len(png) // 2])
+    (root / "dog" / "notes.jpg").write_text("meeting notes, not a photo")
+    return root
+
+
+BAD = {2: "img1b.png", 7: "notes.jpg"}
+
+
+def test_unreadable_images_are_skipped_and_reported(vae, messy_root, extracted, tmp_path):
+    """The six readable images are stored exactly as a clean extraction stores them; the two bad files
+    are listed (with PIL's reason) in skipped_images.json and counted in meta.json."""
+    from dcdit.errors import DcditWarning
+
+    with pytest.warns(DcditWarning) as caught:
+        meta = extract_features(messy_root, tmp_path / "f", vae, image_size=32, batch_size=3, shard_size=4, vae_id=VAE_ID,
+                                latent_scale=SCALE, dtype="float32", progress=False)
+    assert sorted(w.message.args[0].split()[3].split("/")[-1] for w in caught) == sorted(BAD.values())
+    assert (meta["num_images"], meta["num_source_images"], meta["num_skipped"]) == (6, 8, 2)
+    report = json.loads((tmp_path / "f" / "skipped_images.json").read_text())
+    assert report["count"] == 2 and [Path(s["path"]).name for s in report["images"]] == ["img1b.png", "notes.jpg"]
+    assert all(s["error"] for s in report["images"])
+    ref = LatentDataset(extracted[0], flip=False)
+    ds = LatentDataset(tmp_path / "f", flip=False)
+    assert ds.labels.tolist() == ref.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for i in range(6):
+        torch.testing.assert_close(ds.posterior(i)[0], ref.posterior(i)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_strict_stops_at_the_bad_image_and_keeps_finished_shards(vae, messy_root, tmp_path):
+    from dcdit.errors import UnreadableImageError
+
+    out = tmp_path / "f"
+    kw = dict(image_size=32, batch_size=2, shard_size=2, vae_id=VAE_ID, latent_scale=SCALE, dtype="float32", progress=False)
+    with pytest.raises(UnreadableImageError) as e:
+        extract_features(messy_root, out, vae, strict=True, **kw)
+    assert str(messy_root / "cat" / "img1b.png") in str(e.value) and "--strict" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["extract_state.json", "shard_00000.safetensors"]
+    first = load_file(str(out / "shard_00000.safetensors"))
+    counting = CountingVAE(vae)  # without strict the run resumes: shard 0 is kept, shards 1-3 are encoded
+    with pytest.warns(Warning):
+        meta = extract_features(messy_root, out, counting, **kw)
+    assert counting.calls == 3 and meta["num_images"] == 6 and meta["num_skipped"] == 2
+    assert torch.equal(load_file(str(out / "shard_00000.safetensors"))["mean"], first["mean"])
+
+
+def test_a_shard_of_only_unreadable_images(vae, messy_root, tmp_path):
+    """shard_size=1: shards 2 and 7 hold nothing; meta.json lists the six others, a rerun encodes nothing."""
+    kw = dict(image_size=32, batch_size=1, shard_size=1, vae_id=VAE_ID, latent_scale=SCALE, dtype="float32", progress=False)
+    with pytest.warns(Warning):
+        meta = extract_features(messy_root, tmp_path / "f", vae, **kw)
+    assert [s["file"] for s in meta["shards"]] == [f"shard_{i:05d}.safetensors" for i in range(8) if i not in BAD]
+    ds = LatentDataset(tmp_path / "f")
+    assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    counting = CountingVAE(vae)
+    assert extract_features(messy_root, tmp_path / "f", counting, **kw) == meta and counting.calls == 0
+
+
+def test_extractions_from_before_skipping_are_still_resumed(vae, image_root, tmp_path):
+    """Shards without source_range metadata and meta.json without num_source_images (older dcdit)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "f"
+    kw = dict(image_size=32, batch_size=2, shard_size=4, vae_id=VAE_ID, latent_scale=SCALE, dtype="float32", progress=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract_features(image_root, out, CountingVAE(vae, fail_at=3), **kw)
+    path = out / "shard_00000.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        old_meta = {k: v for k, v in f.metadata().items() if k not in ("source_range", "skipped")}
+    save_file(load_file(str(path)), str(path), metadata=old_meta)
+    state = json.loads((out / "extract_state.json").read_text())
+    state["num_images"] = state.pop("num_source_images")
+    (out / "extract_state.json").write_text(json.dumps(state))
+    counting = CountingVAE(vae)
+    meta = extract_features(image_root, out, counting, **kw)
+    assert counting.calls == 1 and meta["num_images"] == 6  # only shard 1 encoded again
+    for key in ("num_source_images", "num_skipped"):
+        del meta[key]
+    (out / "meta.json").write_text(json.dumps(meta))
+    counting = CountingVAE(vae)
+    extract_features(image_root, out, counting, **kw)
+    assert counting.calls == 0  # a finished older extraction with the same settings is kept as is
+
+
+def test_damaged_shard_is_named(extracted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(extracted[0], copy)
+    shard = copy / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    for in_memory in (False, True):
+        with pytest.raises(ValueError, match=r"latent shard .*shard_00001.safetensors is unreadable.*extract-features"):
+            LatentDataset(copy, in_memory=in_memory)
+
+
+def test_cli_skips_or_stops_with_strict(vae, messy_root, tmp_path, capsys):
+    from dcdit.cli import main
+
+    vae.save_pretrained(tmp_path / "vae")
+    args = ["extract-features", "--images", str(messy_root), "--vae", str(tmp_path / "vae"), "--image-size", "32",
+            "--batch-size", "4", "--shard-size", "4", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "img1b.png" in err[0] and err[0].startswith("dcdit extract-features: error: cannot read image")
+    assert main([*args, "--out", str(tmp_path / "skip")]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped 2 unreadable image(s), listed in {tmp_path / 'skip' / 'skipped_images.json'}" in captured.out
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("dcdit: warning: skipped unreadable image") for w in warnings)

@@ -14,7 +14,8 @@ On-disk format (``FORMAT_VERSION = 1``)
 ``out_dir/meta.json`` (written last; its presence marks a complete extraction)::
 
     {"format": "dcdit-latents", "format_version": 1, "vae_id": ..., "latent_scale": 0.18215,
-     "image_size": 256, "latent_shape": [C, h, w], "num_images": N, "num_classes": K,
+     "image_size": 256, "latent_shape": [C, h, w], "num_images": N, "num_source_images": N + skipped,
+     "num_skipped": 0, "num_classes": K,
      "classes": [...sorted class folder names...], "dtype": "float16",
      "shards": [{"file": "shard_00000.safetensors", "num_images": n}, ...],
      "flip_index": {"0": "original", "1": "horizontal flip"}, ...}
@@ -24,6 +25,13 @@ On-disk format (``FORMAT_VERSION = 1``)
 * ``mean``   (n, 2, C, h, w) posterior mean, UNSCALED (index 1 of dim 1 = horizontally flipped image)
 * ``std``    (n, 2, C, h, w) posterior std, unscaled
 * ``labels`` (n,) int64
+
+and in its metadata ``source_range`` ("start,stop": the ImageFolder indices it covers) and ``skipped``
+(JSON list of the unreadable images of that range, left out: ``{"path", "error"}``).
+
+An image PIL cannot decode (truncated, corrupt, not an image) is skipped with a warning and listed in
+``out_dir/skipped_images.json`` (``meta.json`` records ``num_skipped``); ``strict=True``
+(``--strict``) stops at it instead, naming the file, and keeps the finished shards for a resume.
 
 ``mean``/``std`` are stored in ``dtype`` (default float16: halves disk/RAM, ~42 GB instead of ~84 GB for
 ImageNet-1k at 256 px with the SD VAE; the relative rounding error 5e-4 is far below the posterior
@@ -40,13 +48,16 @@ import bisect
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DcditWarning, UnreadableImageError, one_line
 from ..utils import atomic_write_bytes
 
 __all__ = [
@@ -68,10 +79,13 @@ FORMAT_NAME = "dcdit-latents"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 STATE_FILE = "extract_state.json"  # in-progress marker for resumable extraction
+SKIPPED_FILE = "skipped_images.json"  # the unreadable images an extraction left out
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 DEFAULT_LATENT_SCALE = 0.18215
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+#: What PIL raises for a file it cannot decode: unknown format, truncated data, a decompression bomb.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _REQUIRED_META_KEYS = (
     "format_version", "vae_id", "latent_scale", "image_size", "latent_shape", "num_images",
     "num_classes", "classes", "shards", "dtype",
@@ -201,22 +215,179 @@ def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metad
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
-def _shard_num_images(path: Path) -> int | None:
-    """Number of images in an existing shard file (None if unreadable)."""
-    from safetensors import safe_open
+def _finished_shard(path: Path, start: int, stop: int) -> dict | None:
+    """The record of a shard an earlier run finished for images ``[start, stop)`` (None when absent,
+    unreadable or made for other images). Shards written before unreadable images were skipped carry
+    no ``source_range`` and are finished when they hold every image of their range."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return int(f.get_slice("labels").get_shape()[0])
-    except Exception:
+            meta = f.metadata() or {}
+            n = int(f.get_slice("labels").get_shape()[0])
+            shape = [int(v) for v in f.get_slice("mean").get_shape()[2:]]
+    except (SafetensorError, OSError):
         return None
+    if "source_range" in meta:
+        if meta["source_range"] != f"{start},{stop}":
+            return None
+        skipped = json.loads(meta.get("skipped", "[]"))
+    elif n == stop - start:
+        skipped = []
+    else:
+        return None
+    return {"file": path.name, "num_images": n, "latent_shape": shape, "skipped": skipped}
 
 
-def _shard_latent_shape(path: Path) -> list[int]:
-    from safetensors import safe_open
+class _ImagesOrErrors(Dataset):
+    """Images ``indices`` of an :class:`ImageFolderDataset` as ``(index, x, label, None)``, or
+    ``(index, None, None, error)`` for a file PIL cannot decode, so one bad file does not stop a batch."""
 
-    with safe_open(str(path), framework="pt") as f:
-        return [int(s) for s in f.get_slice("mean").get_shape()[2:]]
+    def __init__(self, images: ImageFolderDataset, indices: range):
+        self.images, self.indices = images, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        try:
+            x, y = self.images[i]
+        except _IMAGE_ERRORS as e:
+            return i, None, None, f"{type(e).__name__}: {one_line(e)}"
+        return i, x, y, None
+
+
+def _keep_items(batch: list) -> list:
+    """DataLoader collate: the (index, x, label, error) items as they are (failed ones have no tensor)."""
+    return batch
+
+
+def _encode_with_flips(vae: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) of images x (b, 3, S, S) and of their horizontal flips, each (b, 2, C, h, w)."""
+    b = x.shape[0]
+    mu, sd = encode_posterior(vae, torch.cat([x, x.flip(-1)], dim=0))
+    return torch.stack([mu[:b], mu[b:]], dim=1), torch.stack([sd[:b], sd[b:]], dim=1)
+
+
+def _encode_shard(vae, images: ImageFolderDataset, indices: range, path: Path, *, store_dtype: torch.dtype,
+                  file_meta: dict, batch_size: int, num_workers: int, strict: bool, pbar) -> dict:
+    """Encode images ``indices`` into one shard file; unreadable ones are skipped (recorded in the shard's
+    metadata) or, with ``strict``, stop the extraction naming the file. Returns the shard's record."""
+    loader = DataLoader(_ImagesOrErrors(images, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_keep_items)
+    means, stds, labels, skipped = [], [], [], []
+    for batch in loader:
+        for i, _, _, error in batch:
+            if error is not None:
+                file = images.samples[i][0]
+                if strict:
+                    raise UnreadableImageError(
+                        f"cannot read image {file} ({error}): remove or replace it, or run without --strict to skip "
+                        f"it; the finished shards in {path.parent} are kept and the next run resumes from them")
+                warnings.warn(f"skipped unreadable image {file} ({error})", DcditWarning, stacklevel=2)
+                skipped.append({"path": file, "error": error})
+        good = [item for item in batch if item[3] is None]
+        if good:
+            mu, sd = _encode_with_flips(vae, torch.stack([x for _, x, _, _ in good]))
+            means.append(mu.to("cpu", store_dtype))
+            stds.append(sd.to("cpu", store_dtype))
+            labels.append(torch.tensor([int(y) for _, _, y, _ in good], dtype=torch.int64))
+        if pbar is not None:
+            pbar.update(len(batch))
+    empty = torch.zeros(0, dtype=store_dtype)  # every image of the shard unreadable: an empty shard marks it done
+    tensors = {"mean": torch.cat(means) if means else empty, "std": torch.cat(stds) if stds else empty,
+               "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)}
+    meta = {**file_meta, "source_range": f"{indices.start},{indices.stop}", "skipped": json.dumps(skipped)}
+    _atomic_save_safetensors(path, tensors, meta)
+    return {"file": path.name, "num_images": int(tensors["labels"].shape[0]),
+            "latent_shape": [int(v) for v in tensors["mean"].shape[2:]], "skipped": skipped}
+
+
+def _check_extract_args(dtype: str, shard_size: int, batch_size: int, vae_id) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if shard_size <= 0 or batch_size <= 0:
+        raise ValueError("shard_size and batch_size must be positive")
+    if not isinstance(vae_id, str) or not vae_id:
+        raise ValueError("vae_id must be a non-empty string (the hub id or path the VAE was loaded from)")
+
+
+def _recorded_settings(meta: dict, keys) -> dict:
+    """The extraction settings a meta.json / extract_state.json records; files from before unreadable
+    images were skipped have num_images where num_source_images is now."""
+    meta = {"num_source_images": meta.get("num_images"), **meta}
+    return {k: meta.get(k) for k in keys}
+
+
+def _prepare_output(out: Path, settings: dict, resume: bool, overwrite: bool) -> tuple[dict | None, bool]:
+    """(meta of a finished extraction with these settings, or None; whether unfinished shards can be
+    re-used). Removes what cannot be re-used; refuses to replace another extraction unless ``overwrite``."""
+    meta_path, state_path = out / META_FILE, out / STATE_FILE
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        same = old is not None and _recorded_settings(old, settings) == settings
+        if same and resume and all((out / s["file"]).is_file() for s in old.get("shards", [])):
+            return old, False  # already done with identical settings
+        if not same and not overwrite:
+            diff = [] if old is None else [k for k, v in _recorded_settings(old, settings).items() if settings[k] != v]
+            raise ValueError(
+                f"{str(out)!r} already holds a latent extraction with different settings "
+                f"(differing: {diff or 'unreadable meta.json'}; recorded vae_id="
+                f"{None if old is None else old.get('vae_id')!r}, requested vae_id={settings['vae_id']!r}); "
+                "pass overwrite=True (--overwrite) or choose another output directory"
+            )
+        meta_path.unlink()
+        (out / SKIPPED_FILE).unlink(missing_ok=True)
+        if same and resume:  # finished run with a shard missing: re-use the shards that are there
+            _atomic_write_json(state_path, settings)
+    if not resume or overwrite:
+        state_path.unlink(missing_ok=True)
+    resumable = False
+    if state_path.exists():
+        try:
+            resumable = _recorded_settings(json.loads(state_path.read_text()), settings) == settings
+        except (OSError, ValueError, TypeError):
+            resumable = False
+    if not resumable:  # stale shards from a run with other settings must go
+        for p in out.glob("shard_*.safetensors"):
+            p.unlink()
+    _atomic_write_json(state_path, settings)
+    return None, resumable
+
+
+def _finish(out: Path, settings: dict, shards: list[dict], image_root) -> dict:
+    """Write meta.json (listing the non-empty shards) and, when images were skipped, the report
+    ``skipped_images.json``; remove the in-progress marker. Returns the meta dict."""
+    skipped = [s for record in shards for s in record["skipped"]]
+    if skipped:
+        _atomic_write_json(out / SKIPPED_FILE, {"count": len(skipped), "images": skipped,
+                                                "note": "unreadable images, left out of the latents"})
+    kept = [r for r in shards if r["num_images"]]
+    if not kept:
+        raise ValueError(f"none of the {settings['num_source_images']} images under {str(image_root)!r} could be read "
+                         f"(see {out / SKIPPED_FILE}): nothing to encode")
+    meta = dict(settings)
+    meta.update(
+        {
+            "num_images": sum(r["num_images"] for r in kept),
+            "num_skipped": len(skipped),
+            "latent_shape": kept[0]["latent_shape"],
+            "shards": [{"file": r["file"], "num_images": r["num_images"]} for r in kept],
+            "flip_index": {"0": "original", "1": "horizontal flip"},
+            "layout": "shard tensors: mean, std (n, 2, C, h, w) unscaled posterior; labels (n,) int64",
+            "crop": "adm_center_crop",
+            "pixel_range": [-1.0, 1.0],
+        }
+    )
+    if skipped:
+        meta["skipped_report"] = SKIPPED_FILE
+    _atomic_write_json(out / META_FILE, meta)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return meta
 
 
 def extract_features(
@@ -236,6 +407,7 @@ def extract_features(
     resume: bool = True,
     overwrite: bool = False,
     max_images: int | None = None,
+    strict: bool = False,
 ) -> dict:
     """Encode an ImageFolder tree into sharded posterior statistics; returns the meta dict.
 
@@ -246,7 +418,7 @@ def extract_features(
             and ``.std``); the caller loads it.  It is put in eval mode (and moved to ``device`` if given).
         image_size: ADM centre-crop size S (images are (3, S, S) in [-1, 1] before encoding).
         batch_size: images per VAE call (each call encodes 2 * batch_size images: originals + flips).
-        shard_size: images per ``shard_XXXXX.safetensors`` file.
+        shard_size: images per ``shard_XXXXX.safetensors`` file (fewer when some are unreadable).
         vae_id: identifier of the VAE (hub id or local path) recorded in meta.json and checked by
             :func:`check_latent_meta` at training/sampling time.
         latent_scale: latent scaling factor recorded in meta.json (applied at READ time; the stored
@@ -259,137 +431,40 @@ def extract_features(
         overwrite: if ``out_dir`` already holds a finished extraction with DIFFERENT settings, replace
             it instead of raising.  A finished extraction with the same settings is returned as is.
         max_images: only encode the first N images (in ImageFolder order; for smoke tests).
+        strict: stop at the first image PIL cannot read (:class:`~dcdit.errors.UnreadableImageError`
+            naming it) instead of skipping it; skipped images are listed in ``skipped_images.json``.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if shard_size <= 0 or batch_size <= 0:
-        raise ValueError("shard_size and batch_size must be positive")
-    if not isinstance(vae_id, str) or not vae_id:
-        raise ValueError("vae_id must be a non-empty string (the hub id or path the VAE was loaded from)")
-    store_dtype = _DTYPES[dtype]
+    _check_extract_args(dtype, shard_size, batch_size, vae_id)
+    images = ImageFolderDataset(image_root, image_size=image_size)
+    n_total = len(images) if max_images is None else min(len(images), int(max_images))
+    settings = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vae_id": vae_id, "latent_scale": float(latent_scale),
+        "image_size": int(image_size), "num_source_images": n_total, "num_classes": len(images.classes),
+        "classes": list(images.classes), "shard_size": int(shard_size), "dtype": dtype,
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    dataset = ImageFolderDataset(image_root, image_size=image_size)
-    n_total = len(dataset)
-    if max_images is not None:
-        n_total = min(n_total, int(max_images))
-    num_shards = math.ceil(n_total / shard_size)
-    config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "vae_id": vae_id,
-        "latent_scale": float(latent_scale),
-        "image_size": int(image_size),
-        "num_images": n_total,
-        "num_classes": len(dataset.classes),
-        "classes": list(dataset.classes),
-        "shard_size": int(shard_size),
-        "dtype": dtype,
-    }
-
-    meta_path, state_path = out / META_FILE, out / STATE_FILE
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        same = old is not None and all(old.get(k) == v for k, v in config.items())
-        if same and resume and all((out / s["file"]).is_file() for s in old.get("shards", [])):
-            return old  # already done with identical settings
-        if not same and not overwrite:
-            diff = [] if old is None else [k for k, v in config.items() if old.get(k) != v]
-            raise ValueError(
-                f"{str(out)!r} already holds a latent extraction with different settings "
-                f"(differing: {diff or 'unreadable meta.json'}; recorded vae_id="
-                f"{None if old is None else old.get('vae_id')!r}, requested vae_id={vae_id!r}); "
-                "pass overwrite=True or choose another output directory"
-            )
-        meta_path.unlink()
-        if same and resume:  # finished run with a shard missing: re-use the shards that are there
-            _atomic_write_json(state_path, config)
-    if not resume or overwrite:
-        state_path.unlink(missing_ok=True)
-    # stale shards from a run with other settings must go
-    resumable = False
-    if state_path.exists():
-        try:
-            resumable = json.loads(state_path.read_text()) == config
-        except (OSError, ValueError):
-            resumable = False
-    if not resumable:
-        for p in out.glob("shard_*.safetensors"):
-            p.unlink()
-    _atomic_write_json(state_path, config)
-
-    if device is not None:
-        vae = vae.to(device)
-    vae.eval()
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    pbar = tqdm(total=n_total, desc="extract-features", unit="img", disable=not progress) if tqdm else None
-
-    shards_meta: list[dict] = []
-    latent_shape: list[int] | None = None
+    finished, resumable = _prepare_output(out, settings, resume, overwrite)
+    if finished is not None:
+        return finished
+    vae = (vae if device is None else vae.to(device)).eval()
     file_meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "vae_id": vae_id,
                  "latent_scale": repr(float(latent_scale)), "image_size": str(int(image_size)),
                  "layout": "mean/std: (n, 2, C, h, w), index 1 of dim 1 = horizontally flipped image; unscaled"}
-    try:
-        for s in range(num_shards):
-            start, stop = s * shard_size, min(n_total, (s + 1) * shard_size)
-            fname = SHARD_PATTERN.format(s)
-            path = out / fname
-            if resumable and path.exists() and _shard_num_images(path) == stop - start:
-                shards_meta.append({"file": fname, "num_images": stop - start})
-                if latent_shape is None:
-                    latent_shape = _shard_latent_shape(path)
-                if pbar is not None:
-                    pbar.update(stop - start)
-                continue
-            loader = DataLoader(
-                Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, drop_last=False,
-            )
-            means, stds, labels = [], [], []
-            for x, y in loader:
-                b = x.shape[0]
-                mu, sd = encode_posterior(vae, torch.cat([x, x.flip(-1)], dim=0))
-                mu = torch.stack([mu[:b], mu[b:]], dim=1)  # (b, 2, C, h, w)
-                sd = torch.stack([sd[:b], sd[b:]], dim=1)
-                if latent_shape is None:
-                    latent_shape = [int(v) for v in mu.shape[2:]]
-                means.append(mu.to("cpu", store_dtype))
-                stds.append(sd.to("cpu", store_dtype))
-                labels.append(torch.as_tensor(y, dtype=torch.int64))
-                if pbar is not None:
-                    pbar.update(b)
-            _atomic_save_safetensors(
-                path,
-                {"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)},
-                file_meta,
-            )
-            shards_meta.append({"file": fname, "num_images": stop - start})
-    finally:
-        if pbar is not None:
-            pbar.close()
+    from tqdm.auto import tqdm
 
-    meta = dict(config)
-    meta.update(
-        {
-            "latent_shape": latent_shape,
-            "shards": shards_meta,
-            "flip_index": {"0": "original", "1": "horizontal flip"},
-            "layout": "shard tensors: mean, std (n, 2, C, h, w) unscaled posterior; labels (n,) int64",
-            "crop": "adm_center_crop",
-            "pixel_range": [-1.0, 1.0],
-        }
-    )
-    _atomic_write_json(meta_path, meta)
-    state_path.unlink(missing_ok=True)
-    return meta
+    shards = []
+    with tqdm(total=n_total, desc="extract-features", unit="img", disable=not progress) as pbar:
+        for s, start in enumerate(range(0, n_total, shard_size)):
+            indices, path = range(start, min(n_total, start + shard_size)), out / SHARD_PATTERN.format(s)
+            record = _finished_shard(path, indices.start, indices.stop) if resumable else None
+            if record is None:
+                record = _encode_shard(vae, images, indices, path, store_dtype=_DTYPES[dtype], file_meta=file_meta,
+                                       batch_size=batch_size, num_workers=num_workers, strict=strict, pbar=pbar)
+            else:
+                pbar.update(len(indices))
+            shards.append(record)
+    return _finish(out, settings, shards, image_root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,6 +533,26 @@ def check_latent_meta(meta: dict, vae_id: str | None = None, latent_scale: float
     return meta
 
 
+def _shard_labels(path: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as h:
+        return h.get_tensor("labels")
+
+
+def _read_shard(path: Path, read):
+    """``read(str(path))`` with an error naming a damaged shard and how to re-make it."""
+    from safetensors import SafetensorError
+
+    try:
+        return read(str(path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"latent shard {path} is unreadable ({e}): it is truncated or corrupt. Delete it and re-run the "
+            "same `dcdit extract-features` command: only the missing shard is encoded again"
+        ) from e
+
+
 class LatentDataset(Dataset):
     """Fresh latent samples from an extracted folder.
 
@@ -511,16 +606,10 @@ class LatentDataset(Dataset):
         if self.in_memory:
             from safetensors.torch import load_file
 
-            self._shards = [load_file(str(f)) for f in self.files]
+            self._shards = [_read_shard(f, load_file) for f in self.files]
             self.labels = torch.cat([s["labels"] for s in self._shards]).long()
         else:
-            from safetensors import safe_open
-
-            labels = []
-            for f in self.files:
-                with safe_open(str(f), framework="pt") as h:
-                    labels.append(h.get_tensor("labels"))
-            self.labels = torch.cat(labels).long()
+            self.labels = torch.cat([_read_shard(f, _shard_labels) for f in self.files]).long()
 
     def __getstate__(self):  # file handles are per process
         state = self.__dict__.copy()
