@@ -360,3 +360,17 @@ def test_a_model_saved_under_looser_checks_still_loads(parts, tmp_path):
     save_weights(tmp_path / "old.safetensors", parts.model.state_dict(), cfg, step=3)
     model, loaded, step = load_model(tmp_path / "old.safetensors")
     assert step == 3 and loaded.train.ratio_batch_size == 16
+
+
+def test_setup_run_removes_a_killed_writes_leftovers_before_resuming(tmp_path):
+    """Training starts or resumes with no `.tmp-*` folder left in the run (before anything is saved:
+    a resume that never reaches a checkpoint must not keep a 13 MB leftover forever)."""
+    from dcdit.train import setup_run
+
+    cfg = load_run_config("mnist", TINY + ["train.steps=2"])
+    train(cfg, tmp_path / "run", progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    (root / ".tmp-0000004-4242").mkdir()
+    (root / ".tmp-0000004-4242" / "model.safetensors").write_bytes(b"x" * 1000)
+    run = setup_run(cfg, tmp_path / "run", resume=True, device="cpu")
+    assert run.step == 2 and sorted(p.name for p in root.iterdir()) == ["0000002", "latest"]

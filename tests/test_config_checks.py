@@ -67,6 +67,9 @@ def test_packaged_configs_pass(name):
         ("data.latent_scale=0", "data.latent_scale", "0.0"),
         ("sample.tail_dropping_fraction=1", "sample.tail_dropping_fraction", "1.0"),
         ("sample.num_sampling_steps=1001", "sample.num_sampling_steps", "1001"),
+        ("sample.eta=-0.5", "sample.eta", "-0.5"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps", "0"),
+        ("model.execution=jagged", "model.execution", "'jagged'"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_value_and_range(override, key, value):
@@ -88,6 +91,7 @@ def test_out_of_range_values_are_refused_naming_key_value_and_range(override, ke
         ["train.ratio_batch_size=32", "train.micro_batch_size=32"],
         ["sample.num_sampling_steps=1000", "sample.sampler=ddpm"],
         ["sample.num_sampling_steps=250", "sample.sampler=ddim"],
+        ["sample.sampler=ddim", "sample.eta=1.0", "train.max_nonfinite_steps=1", "model.execution=padded"],
     ],
 )
 def test_values_on_the_boundary_are_accepted(overrides):
@@ -115,6 +119,7 @@ def test_all_problems_in_one_line():
         (["data.name=latents", "data.root=null"], "data.root", "dcdit extract-features"),
         (["sample.guidance_channels=3"], "sample.guidance_channels", "model.in_channels (1)"),
         (["sample.sampler=ddim", "sample.num_sampling_steps=300"], "sample.num_sampling_steps", "integer stride"),
+        (["sample.sampler=ddpm", "sample.eta=1.0"], "sample.eta", "sample.sampler is ddim"),
     ],
 )
 def test_inconsistent_settings_are_refused(overrides, key, needs):

@@ -76,15 +76,15 @@ def _run_case(model, kwargs) -> dict:
 
 
 def _demo_png_sha256(tmp: Path, execution: str = "padded") -> str:
-    """Run ``dcdit demo`` with the demo model in the given execution (the CLI loads it with load_model)."""
-    import dcdit.checkpoint
+    """Run ``dcdit demo`` with the demo model in the given execution (dcdit.pipelines loads it with load_model)."""
+    import dcdit.pipelines
 
-    load = dcdit.checkpoint.load_model
-    dcdit.checkpoint.load_model = lambda *a, **k: _with_execution(load(*a, **k), execution)
+    load = dcdit.pipelines.load_model
+    dcdit.pipelines.load_model = lambda *a, **k: _with_execution(load(*a, **k), execution)
     try:
         assert cli_main(["demo", "--out", str(tmp), "--sampling-steps", "3", "--per-class", "1", "--no-progress"]) == 0
     finally:
-        dcdit.checkpoint.load_model = load
+        dcdit.pipelines.load_model = load
     return hashlib.sha256((tmp / "samples.png").read_bytes()).hexdigest()
 
 

@@ -324,14 +324,6 @@ def test_n_curriculum_reaches_the_ratio_loss(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the loop's parts, each alone
 
 
-def test_batch_split():
-    from dcdit.train import batch_split
-
-    assert batch_split(256, 8, None) == (32, 1) and batch_split(256, 8, 16) == (16, 2) and batch_split(8, 1, 4) == (4, 2)
-    with pytest.raises(ValueError, match="micro_batch_size dividing 128"):
-        batch_split(256, 2, 48)
-
-
 def test_optimizer_update_applies_finite_steps_and_skips_the_rest():
     """Finite gradients: AdamW moves the weights and the EMA is decay·ema + (1 − decay)·new weights.
     A NaN gradient (or a loss flagged non-finite): nothing moves, the Adam state stays empty."""

@@ -98,6 +98,7 @@ def rules() -> dict[str, Rule]:
     from .data import DATASETS
     from .diffusion.schedules import NOISE_SCHEDULES
     from .models.chunking import TAIL_DROP_ROUNDINGS
+    from .models.dcdit import EXECUTIONS
     from .models.norms import STACK_NORMS
 
     positive = number(0, lo_open=True)
@@ -140,6 +141,7 @@ def rules() -> dict[str, Rule]:
         "inner_adaln_init": choice("zero", "xavier"),
         "dechunk_eps": number(0),
         "tail_drop_rounding": choice(*TAIL_DROP_ROUNDINGS),
+        "execution": choice(*EXECUTIONS),
     }
     data = {
         "name": choice(*sorted(DATASETS)),
@@ -179,6 +181,7 @@ def rules() -> dict[str, Rule]:
         "keep_last": integer(0),
         "tensorboard": FLAG,
         "wandb": FLAG,
+        "max_nonfinite_steps": integer(1),  # 0 would stop before the first skipped step could be retried
     }
     sample = {
         "sampler": choice("ddpm", "ddim"),
@@ -189,6 +192,7 @@ def rules() -> dict[str, Rule]:
         "uncond_tail_dropping_fraction": optional(fraction),
         "use_ema": FLAG,
         "seed": integer(0, _SEED_LIMIT),
+        "eta": number(0),
     }
     sections = {"model": model, "data": data, "train": train, "sample": sample}
     return {f"{s}.{k}": rule for s, keys in sections.items() for k, rule in keys.items()}
@@ -281,6 +285,8 @@ def _sample_problems(cfg) -> Iterator[str]:
         for key in ("tail_dropping_fraction", "uncond_tail_dropping_fraction"):
             if getattr(s, key):
                 yield _problem(f"sample.{key}", getattr(s, key), "be 0 or null for a DiT (tail dropping needs DC-DiT's router)")
+    if s.eta and s.sampler != "ddim":
+        yield _problem("sample.eta", s.eta, "be 0 unless sample.sampler is ddim (eta is DDIM's noise scale)")
     if s.sampler == "ddim":
         from .diffusion import space_timesteps
 

@@ -37,8 +37,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
-from .checkpoint import find_checkpoint, load_state_dict_checked, read_weights, save_checkpoint, set_rng_state
+from .checkpoint import (find_checkpoint, load_state_dict_checked, read_training_state, read_weights,
+                         remove_stale_temporaries, save_checkpoint, set_rng_state)
 from .config import ModelConfig, RunConfig, build_model, model_config_to_dict, run_config_to_dict
+from .config_checks import check_batch_split
 from .data import build_dataset, check_latent_meta, read_latent_meta
 from .diffusion import create_diffusion
 from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_dydit_router
@@ -193,17 +195,6 @@ def parameter_groups(model: torch.nn.Module, tc) -> list[dict]:
 # ------------------------------------------------------------------------------------ setup and resume
 
 
-def batch_split(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
-    """(micro-batch per process and forward pass, gradient-accumulation steps) of a global batch."""
-    micro = micro_batch or global_batch // world
-    if micro < 1 or global_batch % (world * micro):
-        raise ValueError(
-            f"train.global_batch_size ({global_batch}) must equal world size ({world}) × micro_batch_size ({micro}) × "
-            f"gradient-accumulation steps; choose micro_batch_size dividing {global_batch // max(world, 1)}"
-        )
-    return micro, global_batch // (world * micro)
-
-
 @dataclass
 class TrainingRun:
     """Everything the steps of a run share, built once by :func:`setup_run`.
@@ -246,7 +237,9 @@ def setup_run(cfg: RunConfig, run_dir, resume: bool, device: str | None, allow_c
     fixes what the seeded global random stream initialises."""
     dist_info = D.setup(device)
     tc, run_dir = cfg.train, Path(run_dir)
-    micro, accum = batch_split(tc.global_batch_size, dist_info.world_size, tc.micro_batch_size)
+    micro, accum = check_batch_split(cfg, dist_info.world_size)
+    if dist_info.is_main:  # a killed earlier run's half-written checkpoint folders (before resume reads the run)
+        remove_stale_temporaries(run_dir)
     torch.manual_seed(tc.seed)  # identical initialisation on every rank
     model, teacher, model_cfg = build_or_upcycle(cfg, fresh=not resume)
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -321,7 +314,7 @@ def resume_from_checkpoint(run: TrainingRun, allow_changed: bool = False) -> Non
     ckpt = find_checkpoint(run.run_dir)
     state, saved_cfg, _ = read_weights(ckpt / "model.safetensors")
     check_same_model(saved_cfg, run.cfg, ckpt, run.run_dir)
-    ts = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
+    ts = read_training_state(ckpt)
     changes = changed_settings(saved_cfg, run.cfg, ts.get("batch_layout", {}), batch_layout(run))
     if changes and not allow_changed:
         raise ValueError(f"cannot resume {ckpt} exactly, these settings differ from the run's: {'; '.join(changes)}. "
