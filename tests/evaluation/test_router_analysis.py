@@ -103,9 +103,9 @@ def test_noised_input_is_q_sample_with_fixed_seed(helpers):
     seen = {}
     forward = model.forward
 
-    def spy(x, t, y, tail_dropping_fraction=0.0):
+    def spy(x, t, y, **kwargs):
         seen["x"], seen["t"] = x.clone(), t.clone()
-        return forward(x, t, y, tail_dropping_fraction=tail_dropping_fraction)
+        return forward(x, t, y, **kwargs)
 
     model.forward = spy
     x, _ = _synthetic()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diffusion import create_diffusion, unpack_model_output
+from ..diffusion import create_diffusion
+from ..models.interface import predict
 
 
 @dataclass
@@ -56,7 +57,7 @@ def denoiser_error_by_timestep(model: nn.Module, x0: torch.Tensor, y: torch.Tens
         x_t = diffusion.q_sample(x0, t, noise)
         x0_mse, eps_mse = [], []
         for labels in (y, wrong_labels(y, num_classes), torch.full_like(y, num_classes)):
-            output, _ = unpack_model_output(model(x_t, t, labels))
+            output, _ = predict(model, x_t, t, labels)
             out = diffusion._p_from_output(output, x_t, t, clip_denoised=True)  # x̂0 clipped, as the samplers do
             x0_mse.append(((out["pred_xstart"] - x0) ** 2).mean().item())
             eps_mse.append(((out["model_output"] - noise) ** 2).mean().item())

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models.interface import predict, routes_tokens
 from ..utils import atomic_write_text, jsonable, unwrap
 
 __all__ = [
@@ -95,6 +96,8 @@ def _noised(images: torch.Tensor, t: int, seed: int, schedule: str, diffusion_st
 
 def _routing_maps(model: nn.Module, x_t, tt, y, tail_dropping_fraction: float, batch_size: int | None, grid):
     """Forward passes in eval mode -> (kept, natural, p), each (N, H, W) on the CPU, from the RoutingRecord."""
+    if not routes_tokens(model):
+        raise TypeError("foreground_retention needs a DC-DiT (a model that routes tokens and returns a RoutingRecord)")
     H, W = grid
     device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else torch.device("cpu")
     was_training = model.training
@@ -103,11 +106,8 @@ def _routing_maps(model: nn.Module, x_t, tt, y, tail_dropping_fraction: float, b
     bs = batch_size or len(x_t)
     try:
         for i in range(0, len(x_t), bs):
-            out = model(x_t[i: i + bs].to(device), tt[i: i + bs].to(device), y[i: i + bs].to(device),
-                        tail_dropping_fraction=float(tail_dropping_fraction))
-            if not isinstance(out, (tuple, list)) or len(out) < 2:
-                raise TypeError("foreground_retention needs a DC-DiT (forward returning (output, RoutingRecord))")
-            rec = out[1]
+            _, rec = predict(model, x_t[i: i + bs].to(device), tt[i: i + bs].to(device), y[i: i + bs].to(device),
+                             tail_dropping_fraction=float(tail_dropping_fraction))
             kept.append(rec.kept_mask.detach().cpu().reshape(-1, H, W))
             natural.append(rec.natural_mask.detach().cpu().reshape(-1, H, W))
             p.append(rec.p.detach().float().cpu().reshape(-1, H, W))

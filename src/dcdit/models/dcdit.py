@@ -20,7 +20,7 @@ from .dydit import DyDiTRecord, DynamicDiTBlock
 from .norms import stack_norm
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .dit import init_conditioning_and_gates, xavier_init_linears
-from .guidance import guide
+from .guidance import guide, lite_cfg_fractions
 from .hub import HubMixin
 from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
@@ -232,9 +232,6 @@ class DCDiT(nn.Module, HubMixin):
         larger, tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond). Packed execution runs every
         sample at its own length; the padded reference pads each half to its own length."""
         half = x[: len(x) // 2]
-        n = len(half)
-        f_u = tail_dropping_fraction if uncond_tail_dropping_fraction is None else uncond_tail_dropping_fraction
-        fractions = torch.tensor([tail_dropping_fraction] * n + [f_u] * n, dtype=torch.float64, device=x.device)
-        groups = 1 if f_u == tail_dropping_fraction else 2
+        fractions, groups = lite_cfg_fractions(len(half), tail_dropping_fraction, uncond_tail_dropping_fraction, x.device)
         out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions, budget_groups=groups)
         return guide(out, cfg_scale, self.in_channels, guidance_channels), record
