@@ -70,6 +70,8 @@ def test_packaged_configs_pass(name):
         ("sample.eta=-0.5", "sample.eta", "-0.5"),
         ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps", "0"),
         ("model.execution=jagged", "model.execution", "'jagged'"),
+        ("model.inner_mlp=true", "model.inner_mlp", "True"),
+        ("model.inner_mlp=[1,0,1,1]", "model.inner_mlp", "[1, 0, 1, 1]"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_key_value_and_range(override, key, value):
@@ -92,6 +94,8 @@ def test_out_of_range_values_are_refused_naming_key_value_and_range(override, ke
         ["sample.num_sampling_steps=1000", "sample.sampler=ddpm"],
         ["sample.num_sampling_steps=250", "sample.sampler=ddim"],
         ["sample.sampler=ddim", "sample.eta=1.0", "train.max_nonfinite_steps=1", "model.execution=padded"],
+        ["model.inner_mlp=[false,false,false,false]"],  # every block attention-only
+        ["model.inner_mlp=[true,true,true,true]", "model.dydit=true"],  # no block without MLP: DyDiT is fine
     ],
 )
 def test_values_on_the_boundary_are_accepted(overrides):
@@ -120,6 +124,10 @@ def test_all_problems_in_one_line():
         (["sample.guidance_channels=3"], "sample.guidance_channels", "model.in_channels (1)"),
         (["sample.sampler=ddim", "sample.num_sampling_steps=300"], "sample.num_sampling_steps", "integer stride"),
         (["sample.sampler=ddpm", "sample.eta=1.0"], "sample.eta", "sample.sampler is ddim"),
+        (["model.inner_mlp=[true,false]"], "model.inner_mlp", "one entry per inner block (model.depth = 4)"),
+        (["model.inner_mlp=[true,false,true,true]", "model.dydit=true"], "model.inner_mlp", "model.dydit"),
+        (["model.inner_mlp=[true,false,true,true]", "train.upcycle.from_dit=dit.pt"], "model.inner_mlp",
+         "train.upcycle.from_dit"),
     ],
 )
 def test_inconsistent_settings_are_refused(overrides, key, needs):
@@ -171,6 +179,21 @@ def test_width_rules_agree_with_the_dcdit_constructor():
         if _builds(cfg) != _passes(cfg):
             disagree.append((D, heads, groups, width, router, dydit, _builds(cfg)))
     assert not disagree, disagree[:10]
+
+
+def test_inner_mlp_rules_agree_with_the_dcdit_constructor():
+    """Brute force over depths, per-block MLP flags (lists of every length up to 3, null) and DyDiT: the
+    config check accepts exactly the DC-DiTs the model code builds."""
+    flags = [None] + [list(f) for n in range(4) for f in itertools.product((True, False), repeat=n)]
+    disagree = []
+    for depth, inner_mlp, dydit in itertools.product((1, 2, 3), flags, (False, True)):
+        cfg = DCDiTConfig(input_size=8, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=10,
+                          conv_norm_groups=8, inner_mlp=inner_mlp, dydit=dydit)
+        if _builds(cfg) != _passes(cfg):
+            disagree.append((depth, inner_mlp, dydit, _builds(cfg)))
+    assert not disagree, disagree[:10]
+    assert _passes(DCDiTConfig(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                               conv_norm_groups=8, inner_mlp=[False, True]))
 
 
 def test_patch_and_mlp_rules_agree_with_the_dit_constructor():

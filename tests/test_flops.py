@@ -110,6 +110,20 @@ def test_tiny_dcdit_by_hand():
     assert dcdit_macs(TINY_DC_PADDED, M).total == 376706
 
 
+def test_blocks_without_mlp_by_hand():
+    """``model.inner_mlp`` [false, true, false]: attention and adaLN in all three blocks, the MLP in one
+    (the adaLN Linear still computes all 6D modulators in a ``d`` block). Catches an MLP charged for
+    every block, or a block without MLP charged nothing at all."""
+    D, M = 32, 5
+    cfg = dataclasses.replace(TINY_DC, depth=3, inner_mlp=[False, True, False])
+    blocks = {k: v for k, v in dcdit_macs(cfg, M).components.items() if k.startswith("blocks.")}
+    assert blocks == {"blocks.attention_linear": 3 * 4 * D * D * M, "blocks.attention_matmul": 3 * 2 * M * M * D,
+                      "blocks.mlp": 1 * 8 * D * D * M, "blocks.adaLN": 3 * 6 * D * D}
+    rest = {k: v for k, v in dcdit_macs(TINY_DC, M).components.items() if not k.startswith("blocks.")}
+    assert {k: v for k, v in dcdit_macs(cfg, M).components.items() if not k.startswith("blocks.")} == rest
+    assert dcdit_macs(dataclasses.replace(cfg, inner_mlp=None), M).components["blocks.mlp"] == 3 * 8 * D * D * M
+
+
 def test_routers_by_hand():
     L, D, r = 24, 32, 8
     assert dcdit_macs(dataclasses.replace(TINY_DC, router="random"), 5).components["router"] == 0
@@ -285,6 +299,25 @@ def test_dcdit_counter_matches_measured_model(monkeypatch, helpers, router, frac
     measured = meter.components()
     if router == "cosine":
         measured["router"] += D * L  # the dot q·k̄ is an elementwise product and a sum: no matmul to hook
+    assert measured == expected_measurable(dcdit_macs(cfg, M))
+
+
+@pytest.mark.parametrize("execution", ["packed", "padded"])
+def test_dcdit_counter_matches_measured_model_with_blocks_without_mlp(monkeypatch, helpers, execution):
+    """The real model with ``model.inner_mlp`` [false, true]: the hooks see no MLP call in block 0."""
+    cfg = dataclasses.replace(TINY_DC, router="cosine", depth=2, target_ratio=3.0, execution=execution,
+                              inner_mlp=[False, True])
+    torch.manual_seed(0)
+    model = helpers.randomize_(build_model(cfg)).eval()
+    meter = MacMeter(model, monkeypatch)
+    x = torch.randn(1, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, record = model(x, torch.tensor([500]), torch.tensor([2]), tail_dropping_fraction=0.3)
+    meter.close()
+    M = int(record.kept_count[0])
+    assert 1 < M < 24 and not any(name.startswith("blocks.0.mlp") for name in meter.macs)
+    measured = meter.components()
+    measured["router"] += 32 * 24  # the cosine router's dot q·k̄: no matmul to hook (as above)
     assert measured == expected_measurable(dcdit_macs(cfg, M))
 
 

@@ -110,7 +110,8 @@ def test_upcycled_model_has_the_source_blocks_and_frozen_embedders():
 
 
 @pytest.mark.parametrize("change, word", [({"hidden_size": 64, "num_heads": 4}, "hidden_size"), ({"depth": 3}, "depth"),
-                                          ({"num_heads": 4}, "num_heads"), ({"num_classes": 7}, "num_classes")])
+                                          ({"num_heads": 4}, "num_heads"), ({"num_classes": 7}, "num_classes"),
+                                          ({"inner_mlp": [False, True]}, "model.inner_mlp")])  # every DiT block has an MLP
 def test_a_mismatched_dit_is_refused_naming_the_difference(change, word):
     with pytest.raises(ValueError, match=word):
         upcycle(random_dit(), model_config_from_dict({**DC, **change}))

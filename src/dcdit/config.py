@@ -87,6 +87,9 @@ class DCDiTConfig(ModelConfigBase):
     # follows the mean kept count) or padded (the reference: every sample padded to the batch maximum;
     # mask_padding: false always runs padded).
     execution: str = "packed"
+    # One flag per inner block: false = a DiT block without MLP (the release's 'd' in its arch_layout,
+    # docs/release.md); null = every block has its MLP.
+    inner_mlp: list[bool] | None = None
 
 
 ModelConfig = DiTConfig | DCDiTConfig

@@ -87,6 +87,8 @@ TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip(
 GRID = Rule("an integer >= 1 or a list of two integers >= 1 ([height, width])",
             lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and len(v) == 2
                                                   and all(_is_int(s) and s >= 1 for s in v)))
+FLAGS = Rule("null or a list of true/false, one per inner block (e.g. [true, false])",
+              lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(f, bool) for f in v)))
 FRACTIONS = Rule("a list of finite numbers in [0, 1), e.g. [0, 0.1, 0.2]",
                  lambda v: isinstance(v, (list, tuple)) and all(number(0, 1, hi_open=True).ok(f) for f in v))
 
@@ -142,6 +144,7 @@ def rules() -> dict[str, Rule]:
         "dechunk_eps": number(0),
         "tail_drop_rounding": choice(*TAIL_DROP_ROUNDINGS),
         "execution": choice(*EXECUTIONS),
+        "inner_mlp": FLAGS,  # false: a DiT block without MLP (the release's 'd'); length checked below
     }
     data = {
         "name": choice(*sorted(DATASETS)),
@@ -243,6 +246,10 @@ def _model_problems(m) -> Iterator[str]:
     if m.router == "predictability" and ((D // 4) % 8 or D // 4 < 8):
         yield _problem("model.router", m.router, f"run on hidden_size/4 = {D // 4} channels divisible by 8 "
                                                  "(its GroupNorm(8)): use hidden_size a multiple of 32, or another router")
+    if m.inner_mlp is not None and len(m.inner_mlp) != m.depth:
+        yield _problem("model.inner_mlp", m.inner_mlp, f"have one entry per inner block (model.depth = {m.depth})")
+    if m.dydit and not all(m.inner_mlp or ()):
+        yield _problem("model.inner_mlp", m.inner_mlp, "have no false entry with model.dydit (DyDiT gates every block's MLP)")
     if m.dydit and mlp % heads:
         yield _problem("model.mlp_ratio", m.mlp_ratio, f"give an MLP width ({mlp}) divisible by model.num_heads ({heads}) "
                                                        "with model.dydit (DyDiT gates the MLP in num_heads groups)")
@@ -265,6 +272,9 @@ def _train_problems(cfg) -> Iterator[str]:
     up = t.upcycle
     if up.from_dit and arch != "dcdit":
         yield _problem("train.upcycle.from_dit", up.from_dit, "be null unless model.arch is dcdit (upcycling builds a DC-DiT)")
+    if up.from_dit and not all(getattr(cfg.model, "inner_mlp", None) or ()):
+        yield _problem("model.inner_mlp", cfg.model.inner_mlp, "have no false entry with train.upcycle.from_dit "
+                                                               "(upcycling copies every DiT block's MLP)")
     if up.distill_steps and not up.from_dit:
         yield _problem("train.upcycle.distill_steps", up.distill_steps,
                        "be 0 unless train.upcycle.from_dit names the DiT to distil from")

@@ -35,7 +35,8 @@ router              cosine: W_Q, W_K 2·D²·L + depthwise 3×3 9·D·L + the do
                     tap is still multiplied) + 3×3 9·r²·L + 1×1 r·L; random: 0
 chunk               0 (a gather; positions are an add)
 blocks.*            per inner block with M tokens: attention_linear (qkv + proj) 4·D²·M,
-                    attention_matmul 2·M²·D, mlp 2·mlp_ratio·D²·M, adaLN 6·D² (per sample)
+                    attention_matmul 2·M²·D, mlp 2·mlp_ratio·D²·M (0 for a block without MLP,
+                    ``model.inner_mlp``), adaLN 6·D² (per sample, computed in full by every block)
 dechunk.smoothing   packed execution (the default): the separable blur on the H×W grid, a W×W
                     matmul along the rows and an H×H one along the columns of D + 1 channels
                     (numerator and denominator): L·(H + W)·(D + 1), independent of M.
@@ -125,13 +126,15 @@ def _timestep_embedder(D: int) -> int:
     return _linear(1, TIMESTEP_FREQ_DIM, D) + _linear(1, D, D)
 
 
-def _dit_blocks(D: int, depth: int, mlp_ratio: float, tokens: float) -> dict[str, float]:
-    """``depth`` DiT blocks with adaLN-Zero on ``tokens`` tokens of width D."""
+def _dit_blocks(D: int, depth: int, mlp_ratio: float, tokens: float, mlp_blocks: int | None = None) -> dict[str, float]:
+    """``depth`` DiT blocks with adaLN-Zero on ``tokens`` tokens of width D, ``mlp_blocks`` of them
+    with an MLP (None: all; the others are the release's attention-only ``d`` blocks)."""
     hidden = int(D * mlp_ratio)
+    mlp_blocks = depth if mlp_blocks is None else mlp_blocks
     return {
         "blocks.attention_linear": depth * (_linear(tokens, D, 3 * D) + _linear(tokens, D, D)),
         "blocks.attention_matmul": depth * 2 * tokens * tokens * D,  # QKᵀ and AV over all heads
-        "blocks.mlp": depth * (_linear(tokens, D, hidden) + _linear(tokens, hidden, D)),
+        "blocks.mlp": mlp_blocks * (_linear(tokens, D, hidden) + _linear(tokens, hidden, D)),
         "blocks.adaLN": depth * _linear(1, D, 6 * D),
     }
 
@@ -165,7 +168,8 @@ def _inner_blocks(cfg: DCDiTConfig, M: int | float, dydit_usage=None) -> dict[st
     if not getattr(cfg, "dydit", False):
         if dydit_usage is not None:
             raise ValueError("dydit_usage given for a model without DyDiT gates (model.dydit is false)")
-        return _dit_blocks(cfg.hidden_size, cfg.depth, cfg.mlp_ratio, M)
+        mlp_blocks = None if getattr(cfg, "inner_mlp", None) is None else sum(cfg.inner_mlp)
+        return _dit_blocks(cfg.hidden_size, cfg.depth, cfg.mlp_ratio, M, mlp_blocks)
     H = cfg.num_heads
     usage = [(H, H, M)] * cfg.depth if dydit_usage is None else list(dydit_usage)
     if len(usage) != cfg.depth:

@@ -153,6 +153,8 @@ def load_pretrained_dit(path: str | Path, num_heads: int | None = None, input_si
 
 def upcycled_config(dit: DiT, dc: DCDiTConfig) -> DCDiTConfig:
     """Check that ``dc`` can host ``dit``'s blocks and return it with the upcycling settings."""
+    if not all(dc.inner_mlp or ()):
+        raise ValueError("model.inner_mlp has blocks without MLP, but upcycling copies every DiT block's MLP: set model.inner_mlp null")
     D = dit.pos_embed.shape[-1]
     wrong = [f"{name}: DC-DiT {ours} vs DiT {theirs}" for name, ours, theirs in (
         ("hidden_size", dc.hidden_size, D), ("depth", dc.depth, len(dit.blocks)), ("num_heads", dc.num_heads, dit.num_heads),

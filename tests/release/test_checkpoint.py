@@ -3,6 +3,7 @@ refused when they pickle anything else, and converted into dcdit runs whose outp
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -14,7 +15,8 @@ import torch
 
 from dcdit.checkpoint import load_model
 from dcdit.cli import main
-from dcdit.release import convert_release_checkpoint, read_release_checkpoint
+from dcdit.release import convert_release_checkpoint, model_from_release, read_release_checkpoint
+from dcdit.release.checkpoint import model_section
 
 CHECKPOINT = Path(__file__).parent.parent / "fixtures" / "release" / "amd_checkpoint_small.pt"
 
@@ -121,3 +123,30 @@ def test_convert_release_command_feeds_sample_analysis_and_fine_tuning(tmp_path,
             "--out", str(tmp_path / "tuned"), "--no-progress"]
     assert main(tune) == 0
     assert "initialised from" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_d_blocks_converts_and_reloads(tmp_path, expected, close):
+    """The fixture checkpoint rewritten as ``["c2", ["D1d1"], "c2"]`` (layer 1's MLP weights removed):
+    conversion writes ``model.inner_mlp: [true, false]``, the run reloads through its saved config, and
+    its outputs equal the original weights with layer 1's MLP silenced (fc2 = 0)."""
+    ckpt = read_release_checkpoint(CHECKPOINT)
+    config = copy.deepcopy(ckpt.config)
+    config["model"]["hnet"]["arch_layout"] = ["c2", ["D1d1"], "c2"]
+    mlp = "hnet.main_network.main_network.layers.1.mlp."
+    ema = {k: v for k, v in ckpt.ema.items() if not k.startswith(mlp)}
+    assert len(ckpt.ema) - len(ema) == 4
+    torch.save({"model": ema, "ema": ema, "config": config}, tmp_path / "0000100.pt")
+    report = convert_release_checkpoint(tmp_path / "0000100.pt", tmp_path / "run")
+    model, cfg, _ = load_model(tmp_path / "run")
+    assert cfg.model.inner_mlp == [True, False] and report.step == 100 and len(report.key_map) == 90 - 4
+    silenced = dict(ckpt.ema)
+    silenced[mlp + "fc2.weight"] = torch.zeros_like(silenced[mlp + "fc2.weight"])
+    silenced[mlp + "fc2.bias"] = torch.zeros_like(silenced[mlp + "fc2.bias"])
+    reference = model_from_release(silenced, model_section(ckpt.config))
+    with torch.no_grad():
+        out, record = model(expected["x"], expected["t"], expected["y"], tail_dropping_fraction=0.3)
+        want, want_record = reference(expected["x"], expected["t"], expected["y"], tail_dropping_fraction=0.3)
+        original, _ = model_from_release(ckpt.ema, model_section(ckpt.config))(expected["x"], expected["t"], expected["y"],
+                                                                               tail_dropping_fraction=0.3)
+    assert torch.equal(record.kept_count, want_record.kept_count)
+    assert close(out, want, 1e-6) and not close(out, original, 1e-4)

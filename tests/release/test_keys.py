@@ -9,6 +9,9 @@ loss read from the kept instead of the natural mask (f = 0.3), and a broken STE 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -191,3 +194,90 @@ def test_predictability_router_alone_equals_the_release(release_model, ref, clos
         release_model.router.centre_tap = False
         masked, _ = release_model.router(h, release_model.grid)
     assert (masked - p).abs().max() > 1e-2
+
+
+#: The release's parameter names of one inner layer (HNetDiTBlock: norm1/norm2 have no weights; FlashAttention's
+#: qkv/proj; timm's Mlp fc1/fc2 only when has_mlp, i.e. for a ``D`` block)
+_D_LAYER = {"attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "adaLN_modulation.1.weight",
+            "adaLN_modulation.1.bias"}
+_MLP_LAYER = {"mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"}
+
+
+def _d_layout_models():
+    """(config of ["c1", ["d1D1"], "c2"], our model with every MLP live, the same with block 0's fc2 zeroed)."""
+    config = _config(["c1", ["d1D1"], "c2"], factor=3)
+    cfg = release_model_config(config)
+    assert (cfg.depth, cfg.inner_mlp) == (2, [False, True])
+    torch.manual_seed(0)
+    full = build_model(dataclasses.replace(cfg, inner_mlp=None)).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for p in full.router.parameters():  # a live router: 13–18 of 36 tokens, different per sample
+            p.add_(torch.randn_like(p))
+    silenced = copy.deepcopy(full)
+    with torch.no_grad():
+        silenced.blocks[0].mlp.fc2.weight.zero_()
+        silenced.blocks[0].mlp.fc2.bias.zero_()
+    return config, full, silenced
+
+
+def test_d_blocks_load_from_the_release_and_equal_a_model_whose_mlp_outputs_zero():
+    """A release state dict for ``d1D1`` (block 0 without MLP) made by renaming an all-MLP model's
+    weights: its key set is exactly the release's (no mlp.* for layer 0), it loads, and the model computes
+    what the all-MLP model computes once block 0's MLP is silenced (fc2 = 0), at per-sample budgets, in
+    both executions. Catches a ``d`` block that still runs (or drops more than) its MLP, MLP weights
+    mapped to the wrong block, and a key map that lists MLP weights for a ``d`` layer."""
+    config, full, silenced = _d_layout_models()
+    key_map = release_key_map(config)
+    inner = "hnet.main_network.main_network.layers"
+    assert {k[len(inner) + 3:] for k in key_map if k.startswith(f"{inner}.0.")} == _D_LAYER
+    assert {k[len(inner) + 3:] for k in key_map if k.startswith(f"{inner}.1.")} == _D_LAYER | _MLP_LAYER
+    theirs = {k: full.state_dict()[v] for k, v in key_map.items()}
+    model = model_from_release(theirs, config)
+    assert not hasattr(model.blocks[0], "mlp") and hasattr(model.blocks[1], "mlp")
+    x, t, y = torch.randn(4, 3, 6, 6), torch.tensor([10, 900, 300, 500]), torch.tensor([1, 6, 0, 3])
+    fractions = torch.tensor([0.0, 0.5, 0.3, 0.8])
+    with torch.no_grad():
+        ref, ref_record = silenced(x, t, y, fractions)
+        live, _ = full(x, t, y, fractions)
+        for execution in ("packed", "padded"):
+            model.execution = execution
+            out, record = model(x, t, y, fractions)
+            assert torch.equal(record.kept_count, ref_record.kept_count)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-6, msg=execution)
+    assert len(set(ref_record.kept_count.tolist())) > 2  # samples of different lengths: packing is exercised
+    assert (live - ref).abs().max() > 1e-3  # block 0's MLP matters on these weights
+
+
+def test_d_blocks_packed_equals_padded_in_training():
+    """Outputs and every gradient of the ``d1D1`` model agree between packed and padded execution
+    (attention-only blocks mixed with MLP blocks in one packed sequence)."""
+    config, full, _ = _d_layout_models()
+    model = model_from_release({k: full.state_dict()[v] for k, v in release_key_map(config).items()}, config).train()
+    x, t, y = torch.randn(4, 3, 6, 6), torch.tensor([10, 900, 300, 500]), torch.tensor([1, 6, 0, 3])
+    fractions = torch.tensor([0.0, 0.5, 0.3, 0.8])
+    results = {}
+    for execution in ("packed", "padded"):
+        model.execution = execution
+        model.zero_grad()
+        out, _ = model(x, t, y, fractions, force_drop_ids=torch.zeros(4, dtype=torch.long))  # no random label dropout
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[execution] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out_k, g_k), (out_d, g_d) = results["packed"], results["padded"]
+    torch.testing.assert_close(out_k, out_d, rtol=0, atol=1e-5)
+    assert g_k.keys() == g_d.keys() and "blocks.0.attn.qkv.weight" in g_k
+    for name in g_d:
+        # 1e-5 · max(1, |g|), issue 16's parity tolerance: some gradients (conv biases under GroupNorm) are
+        # ~1e-6 in size, all rounding noise, and differ in relative terms between any two summation orders
+        scale = float(g_d[name].abs().max().clamp_min(1.0))
+        torch.testing.assert_close(g_k[name], g_d[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_mlp_weights_for_a_d_layer_are_unknown_keys():
+    """A state dict with MLP weights where the layout says ``d`` does not describe that model: one line."""
+    config, full, _ = _d_layout_models()
+    theirs = {k: full.state_dict()[v] for k, v in release_key_map(_config(["c1", ["D2"], "c2"], factor=3)).items()}
+    with pytest.raises(ValueError, match=r"unknown keys \[hnet.main_network.main_network.layers.0.mlp.fc1.bias, ") as err:
+        model_from_release(theirs, config)
+    assert "\n" not in str(err.value)

@@ -1,5 +1,5 @@
-"""The release's ``arch_layout`` and model configuration: what is accepted, and one-line refusals for what
-the release cannot run (nested stages) or what dcdit does not build."""
+"""The release's ``arch_layout`` and model configuration: what is accepted (``d`` blocks included), and
+one-line refusals for what the release cannot run (nested stages) or what dcdit does not build."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def test_the_release_config_reads_as_the_release_options():
     cfg = release_model_config(_config(dechunk_kernel_sigma=2.0), target_ratio=16.0)
     assert (cfg.hidden_size, cfg.encoder_width, cfg.depth, cfg.num_heads, cfg.dechunk_sigma, cfg.target_ratio) == (64, 32, 2, 4, 2.0, 16.0)
     assert all(getattr(cfg, k) == v for k, v in RELEASE_MODEL_OPTIONS.items())
+
+
+def test_d_blocks_become_inner_mlp_and_all_d_keeps_the_default():
+    """``d`` -> false in ``model.inner_mlp`` at its position; a layout of ``D`` blocks only keeps null, so
+    configs and state dicts of such models are unchanged."""
+    assert release_model_config(_config(arch_layout=["c2", ["d1D2d1"], "c2"])).inner_mlp == [False, True, True, False]
+    assert release_model_config(_config(arch_layout=["c2", ["D3"], "c2"])).inner_mlp is None
+    cfg = release_model_config(_config(arch_layout=["c1", ["d2"], "c1"]))
+    assert (cfg.depth, cfg.inner_mlp) == (2, [False, False])
+    assert not any(k.startswith("blocks.") and ".mlp." in k for k in build_model(cfg).state_dict())
 
 
 @pytest.mark.parametrize("size, paper", [("B", 138e6), ("XL", 690e6)])

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .chunking import TAIL_DROP_ROUNDINGS, RoutingRecord, gather_tokens, route_and_plan
 from .conv_blocks import ConvStage
 from .dechunking import DeChunk
-from .dit_block import DiTBlock, FinalLayer
+from .dit_block import DiTBlock, FinalLayer, inner_mlp_flags
 from .dydit import DyDiTRecord, DynamicDiTBlock
 from .norms import stack_norm
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
@@ -78,6 +78,7 @@ class DCDiT(nn.Module, HubMixin):
         dechunk_eps: float = 0.0,
         tail_drop_rounding: str = "tolerant",
         execution: str = "packed",
+        inner_mlp: list[bool] | None = None,
     ):
         super().__init__()
         D = hidden_size
@@ -88,6 +89,9 @@ class DCDiT(nn.Module, HubMixin):
             raise ValueError(f"model.inner_adaln_init must be 'zero' (adaLN-Zero) or 'xavier' (the authors' release), got {inner_adaln_init!r}")
         if encoder_blocks < 1 or decoder_blocks < 1:
             raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
+        inner_mlp = inner_mlp_flags(inner_mlp, depth)
+        if dydit and not all(inner_mlp):
+            raise ValueError("model.inner_mlp has blocks without MLP, which DyDiT cannot gate: set model.dydit false or model.inner_mlp null")
         if execution not in EXECUTIONS:
             raise ValueError(f"model.execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         self.grid = as_grid(input_size)
@@ -127,8 +131,8 @@ class DCDiT(nn.Module, HubMixin):
         if dydit:  # DyDiT gates in the inner blocks (paper §4.5, models/dydit.py); DiTBlock names are kept
             self.blocks = nn.ModuleList([DynamicDiTBlock(D, num_heads, mlp_ratio, dydit_token_hidden_ratio, dydit_tau,
                                                          dydit_threshold) for _ in range(depth)])
-        else:
-            self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth)])
+        else:  # inner_mlp: the release's D (with MLP) and d (attention only) blocks
+            self.blocks = nn.ModuleList([DiTBlock(D, num_heads, mlp_ratio, has_mlp) for has_mlp in inner_mlp])
         self.inner_norm = stack_norm(inner_stack_norm, D)  # the release ends the inner stack with an RMSNorm
         # 5. De-chunking, and the residual around the inner network (kept in fp32).
         self.dechunk = DeChunk(dechunk_sigma, eps=dechunk_eps)

@@ -60,26 +60,48 @@ class Mlp(nn.Module):
 
 class DiTBlock(nn.Module):
     """x (B, M, D) or packed (T, D), c (B, D) -> the shape of x. adaLN-Zero: gates start at zero, so
-    a new block is the identity."""
+    a new block is the identity.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    ``has_mlp=False`` is the release's ``d`` block (``HNetDiTBlock(has_mlp=False)``, docs/release.md):
+    no ``norm2`` and no ``mlp``, x + gate_msa · attn(modulate(norm1(x), shift_msa, scale_msa)) only.
+    Its adaLN Linear still produces all 6D modulators (the release's layout, so its state dict loads);
+    the MLP's shift/scale/gate rows are computed and unused."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, has_mlp: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.has_mlp = has_mlp
+        if has_mlp:
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: Layout = None) -> torch.Tensor:
         """x (B, M, D) or packed (T, D), c (B, D) -> the shape of x."""
         layout = as_layout(layout)
-        # 6 × (B, 1, D) or (T, D); expanded chunk by chunk: contiguous operands make the elementwise
+        # (B, 1, D) or (T, D) each; expanded chunk by chunk: contiguous operands make the elementwise
         # ops and the backward's segment sums ~1.7× faster than chunks of one (T, 6D) tensor (measured)
-        mods = [layout.per_token(v) for v in self.adaLN_modulation(c).chunk(6, dim=1)]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        chunks = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa = [layout.per_token(v) for v in chunks[:3]]
         x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa, layout)
+        if not self.has_mlp:  # a ``d`` block: attention only, the MLP's modulators are not expanded
+            return x
+        shift_mlp, scale_mlp, gate_mlp = [layout.per_token(v) for v in chunks[3:]]
         x = x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
         return x
+
+
+def inner_mlp_flags(inner_mlp: list[bool] | None, depth: int) -> list[bool]:
+    """``model.inner_mlp`` -> one has-MLP flag per block (None: every block has its MLP), or a one-line
+    error naming the key."""
+    if inner_mlp is None:
+        return [True] * depth
+    if not isinstance(inner_mlp, (list, tuple)) or not all(isinstance(v, bool) for v in inner_mlp):
+        raise ValueError(f"model.inner_mlp must be null or a list of true/false, one per inner block, got {inner_mlp!r}")
+    if len(inner_mlp) != depth:
+        raise ValueError(f"model.inner_mlp has {len(inner_mlp)} entries; it needs one per inner block (model.depth = {depth})")
+    return list(inner_mlp)
 
 
 class FinalLayer(nn.Module):

@@ -1,6 +1,6 @@
 """The authors' release (AMD-AGI/DynamicChunkingDiT) in dcdit: its configuration, its state-dict names,
 its checkpoints. A model built here from a release state dict computes what the release computes
-(tests/test_release.py checks every stored output of the official fixtures); docs/release.md lists
+(tests/release/ checks every stored output of the official fixtures); docs/release.md lists
 each difference from our defaults and the release quirks users should know.
 """
 

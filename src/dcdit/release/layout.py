@@ -2,7 +2,7 @@
 
 The release describes a model by an H-Net ``arch_layout`` such as ``["c2", ["D12"], "c2"]``: an encoder
 of 2 conv blocks, one inner stage of 12 DiT blocks, a decoder of 2 conv blocks (``c``/``C`` build the
-same conv block; ``D`` is a DiT block, ``d`` one without its MLP). ``d_model`` and ``num_heads`` are
+same conv block; ``D`` is a DiT block, ``d`` one without its MLP: ``model.inner_mlp``). ``d_model`` and ``num_heads`` are
 per stage, ``enc_dec_dim_factor[0]`` divides the width of the encoder/decoder. What the release's own
 code can build *and run* is one chunking stage with conv blocks outside and DiT blocks inside; a
 nested layout builds but its forward pass fails in the release (docs/release.md), so it is refused here.
@@ -78,9 +78,6 @@ def release_model_config(config: dict, target_ratio: float = 4.0, noise_schedule
     if d_model[0] != d_model[1]:
         raise ValueError(f"model.hnet.d_model must be equal at both stages (every block is conditioned at width "
                          f"d_model[0]), got {d_model}")
-    if not all(layout.inner_mlp):
-        raise ValueError(f"model.hnet.arch_layout {hnet.get('arch_layout')!r}: DiT blocks without MLP ('d') are not "
-                         "supported yet; use 'D' blocks")
     D = int(d_model[0])
     factors = hnet.get("enc_dec_dim_factor") or [None, None]
     factors = _pair(factors, "enc_dec_dim_factor")
@@ -97,4 +94,5 @@ def release_model_config(config: dict, target_ratio: float = 4.0, noise_schedule
         mlp_ratio=float(model.get("mlp_ratio", 4.0)), encoder_width=width, encoder_blocks=layout.encoder_blocks,
         decoder_blocks=layout.decoder_blocks, dechunk_sigma=float(hnet.get("dechunk_kernel_sigma", 1.0)),
         target_ratio=float(target_ratio), noise_schedule=noise_schedule, **RELEASE_MODEL_OPTIONS,
+        inner_mlp=None if all(layout.inner_mlp) else layout.inner_mlp,  # 'd' blocks have no MLP
     )
