@@ -102,7 +102,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     for patch in (2, 4, 8)
 }
 #: The DCDiTConfig values that make a model compute exactly what the authors' release computes
-#: (AMD-AGI/DynamicChunkingDiT; every item is checked against its outputs in tests/test_release.py and
+#: (AMD-AGI/DynamicChunkingDiT; every item is checked against its outputs in tests/release/ and
 #: explained in docs/release.md). The paper text (v1) describes the cosine router instead.
 RELEASE_MODEL_OPTIONS = dict(
     router="predictability", router_centre_tap=True, conv_norm_groups=32, conv_norm_eps=1e-5,
