@@ -37,6 +37,24 @@ def straight_through(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach() + 1.0
 
 
+def check_options(residual_init: str, inner_adaln_init: str, encoder_blocks: int, decoder_blocks: int, dydit: bool,
+                  inner_mlp: list[bool], execution: str, tail_drop_rounding: str) -> None:
+    """One-line errors for option values the constructor cannot build (``dcdit.config_checks`` refuses
+    the same values earlier, naming the config key, for models built from a config)."""
+    if residual_init not in ("zero", "xavier"):
+        raise ValueError(f"model.residual_init must be 'zero' (H-Net) or 'xavier' (the authors' release), got {residual_init!r}")
+    if inner_adaln_init not in ("zero", "xavier"):
+        raise ValueError(f"model.inner_adaln_init must be 'zero' (adaLN-Zero) or 'xavier' (the authors' release), got {inner_adaln_init!r}")
+    if encoder_blocks < 1 or decoder_blocks < 1:
+        raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
+    if dydit and not all(inner_mlp):
+        raise ValueError("model.inner_mlp has blocks without MLP, which DyDiT cannot gate: set model.dydit false or model.inner_mlp null")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"model.execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+    if tail_drop_rounding not in TAIL_DROP_ROUNDINGS:
+        raise ValueError(f"model.tail_drop_rounding must be one of {', '.join(TAIL_DROP_ROUNDINGS)}, got {tail_drop_rounding!r}")
+
+
 class DCDiT(nn.Module, HubMixin):
     """x (B, C, H, W), t (B,), y (B,) -> (prediction (B, 2C, H, W), RoutingRecord)."""
 
@@ -83,17 +101,9 @@ class DCDiT(nn.Module, HubMixin):
         super().__init__()
         D = hidden_size
         d = encoder_width or D // 4
-        if residual_init not in ("zero", "xavier"):
-            raise ValueError(f"model.residual_init must be 'zero' (H-Net) or 'xavier' (the authors' release), got {residual_init!r}")
-        if inner_adaln_init not in ("zero", "xavier"):
-            raise ValueError(f"model.inner_adaln_init must be 'zero' (adaLN-Zero) or 'xavier' (the authors' release), got {inner_adaln_init!r}")
-        if encoder_blocks < 1 or decoder_blocks < 1:
-            raise ValueError("encoder_blocks and decoder_blocks must be at least 1")
         inner_mlp = inner_mlp_flags(inner_mlp, depth)
-        if dydit and not all(inner_mlp):
-            raise ValueError("model.inner_mlp has blocks without MLP, which DyDiT cannot gate: set model.dydit false or model.inner_mlp null")
-        if execution not in EXECUTIONS:
-            raise ValueError(f"model.execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+        check_options(residual_init, inner_adaln_init, encoder_blocks, decoder_blocks, dydit, inner_mlp, execution,
+                      tail_drop_rounding)
         self.grid = as_grid(input_size)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -105,8 +115,6 @@ class DCDiT(nn.Module, HubMixin):
         self.class_dropout_prob = class_dropout_prob
         self.residual_init = residual_init
         self.inner_adaln_init = inner_adaln_init
-        if tail_drop_rounding not in TAIL_DROP_ROUNDINGS:
-            raise ValueError(f"model.tail_drop_rounding must be one of {', '.join(TAIL_DROP_ROUNDINGS)}, got {tail_drop_rounding!r}")
         self.tail_drop_rounding = tail_drop_rounding
         self.mask_padding = mask_padding
         self.dydit = dydit
