@@ -439,15 +439,16 @@ def test_pairs_form_gradients_equal_direct_form_with_uneven_counts():
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
-@pytest.mark.parametrize("grid, M, sigma, expect_pairs", [((32, 32), 40, 1.0, True), ((16, 16), 256, 2.0, False)])
-def test_auto_form_choice_is_numerically_irrelevant(grid, M, sigma, expect_pairs):
-    """The per-batch rule picks window pairs for a sparse record and the grid blur when every cell is
-    kept at σ = 2 (≈ 4× more pairs than grid MACs per channel); whichever it picks, the output and the
-    z-gradient equal both forced forms within 1e-6 of their scale."""
+@pytest.mark.parametrize("grid, M, sigma, D, expect_pairs", [((32, 32), 40, 1.0, 160, True), ((32, 32), 1024, 2.0, 160, False),
+                                                                ((8, 8), 4, 1.0, 8, False)])
+def test_auto_form_choice_is_numerically_irrelevant(grid, M, sigma, D, expect_pairs):
+    """The per-batch rule picks window pairs for a sparse record, the grid blur when every cell is kept
+    at σ = 2 (more pairs than grid MACs per channel) and on a tiny grid (below PAIRS_MIN_GRID_MACS);
+    whichever it picks, the output and the z-gradient equal both forced forms within 1e-6 of their scale."""
     rec = random_record(2, grid, M, seed=M)
     pairs = window_ranges(rec.kept_mask, grid, sigma).pairs
-    assert prefer_pairs(pairs, 2, grid) is expect_pairs
-    z = torch.randn(2 * M, 8, generator=torch.Generator().manual_seed(0))
+    assert prefer_pairs(pairs, 2, grid, D) is expect_pairs
+    z = torch.randn(2 * M, D, generator=torch.Generator().manual_seed(0))
     results = {}
     for form in ("auto", "grid", "pairs"):
         zz = z.clone().requires_grad_(True)

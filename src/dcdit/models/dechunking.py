@@ -227,12 +227,19 @@ class SymmetricKernelProduct(torch.autograd.Function):
 #: the blur's dense matmuls); the factor is the measured crossover on the 2-core CPU
 #: (docs/benchmarks.md, "De-chunk on the grid").
 PAIRS_COST_FACTOR = 2.0
+#: ... and only when the grid blur has at least this many MACs: building K is a dozen small ops
+#: (~0.3 ms more than the blur's setup, measured on the 2-core CPU), which the blur of a small grid
+#: (e.g. 4×6, D 32: 8·10³ MACs) does not repay.
+PAIRS_MIN_GRID_MACS = 10**7
 
 
-def prefer_pairs(pairs: int, batch: int, grid: tuple[int, int]) -> bool:
-    """Whether the window-pairs smoothing is the cheaper packed form for this batch."""
+def prefer_pairs(pairs: int, batch: int, grid: tuple[int, int], channels: int) -> bool:
+    """Whether the window-pairs smoothing is the cheaper packed form for this batch of ``channels``-wide
+    tokens (the grid form's cost: B·L·(H + W)·(D + 1) MACs)."""
     H, W = grid
-    return PAIRS_COST_FACTOR * pairs < batch * H * W * (H + W)
+    grid_macs_per_channel = batch * H * W * (H + W)
+    return grid_macs_per_channel * (channels + 1) >= PAIRS_MIN_GRID_MACS and \
+        PAIRS_COST_FACTOR * pairs < grid_macs_per_channel
 
 
 class DeChunk(nn.Module):
@@ -292,7 +299,7 @@ class DeChunk(nn.Module):
         if self.packed_form == "grid":
             return self.smooth_on_grid(z, record)
         ranges = window_ranges(record.kept_mask, record.grid, self.sigma)
-        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, record.kept_mask.shape[0], record.grid):
+        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, record.kept_mask.shape[0], record.grid, z.shape[1]):
             return self.smooth_pairs(z, record, ranges)
         return self.smooth_on_grid(z, record)
 
