@@ -29,7 +29,12 @@ import torch
 from common import interleaved, machine_info, median, print_machine
 from dcdit.models.chunking import RoutingRecord, gather_tokens
 from dcdit.models.dechunking import (
-    DeChunk, grid_coords, nearest_kept_slot, prefer_pairs, squared_distances, window_ranges,
+    DeChunk,
+    grid_coords,
+    nearest_kept_slot,
+    prefer_pairs,
+    squared_distances,
+    window_ranges,
 )
 
 

@@ -20,7 +20,13 @@ import torch
 
 from dcdit.models.chunking import RoutingRecord
 from dcdit.models.dechunking import (
-    DeChunk, gaussian_factor, nearest_kept_cell, nearest_kept_slot, pair_kernel, prefer_pairs, window_ranges,
+    DeChunk,
+    gaussian_factor,
+    nearest_kept_cell,
+    nearest_kept_slot,
+    pair_kernel,
+    prefer_pairs,
+    window_ranges,
 )
 
 FORMS = ["direct", "grid", "pairs"]
@@ -358,7 +364,7 @@ def test_packed_forms_add_dechunk_eps_like_the_direct_form(form):
 def brute_force_kernel(kept_mask: torch.Tensor, grid, sigma: float) -> torch.Tensor:
     """(T, T) dense: exp(−Δr²/2σ²)·exp(−Δc²/2σ²) for every pair of kept tokens of the same sample whose
     per-axis exponents are both ≤ 30 (the grid form's cut), 0 otherwise; packed order, by loops."""
-    H, W = grid
+    _, W = grid
     B, L = kept_mask.shape
     toks = [(b, l // W, l % W) for b in range(B) for l in range(L) if kept_mask[b, l]]
     K = torch.zeros(len(toks), len(toks), dtype=torch.float64)

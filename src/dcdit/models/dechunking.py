@@ -10,8 +10,8 @@ Both run in float32 even under autocast. Three implementations of the same formu
 
 * **Window pairs** (packed execution, z (T, D), chosen per batch when it is cheaper): Σ_j W_ij h_j
   over the pairs of kept tokens inside the truncated Gaussian window (|Δr|, |Δc| ≤ R = ⌊σ·√60⌋, the
-  per-axis cut of the grid form below: R = 7 at σ = 1), as a constant sparse (T, T) matrix K_ij = exp(−d²_ij/2σ²),
-  block-diagonal per sample: numerator K @ (p·h), denominator K @ p. K is symmetric, so the backward
+  per-axis cut of the grid form below: R = 7 at σ = 1), as a constant sparse (T, T) matrix
+  K_ij = exp(−d²_ij/2σ²), block-diagonal per sample: numerator K @ (p·h), denominator K @ p. K is symmetric, so the backward
   is K @ grad too; it costs (pairs)·(D + 1) MACs each way, pairs ≈ T·(2R + 1)²·(kept fraction).
   K is built without a table of the window: in every window row the kept neighbours are one
   contiguous run of packed rows (packing is raster order), found from the cumulative kept count.
@@ -299,7 +299,8 @@ class DeChunk(nn.Module):
         if self.packed_form == "grid":
             return self.smooth_on_grid(z, record)
         ranges = window_ranges(record.kept_mask, record.grid, self.sigma)
-        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, record.kept_mask.shape[0], record.grid, z.shape[1]):
+        batch = record.kept_mask.shape[0]
+        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, batch, record.grid, z.shape[1]):
             return self.smooth_pairs(z, record, ranges)
         return self.smooth_on_grid(z, record)
 
