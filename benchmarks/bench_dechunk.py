@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""Speed benchmark: de-chunking (paper §3.4) forward + backward in its three forms, in one run.
+"""Speed benchmark: de-chunking (paper §3.4) forward + backward in its four forms, in one run.
 
 * ``dense``: the direct formula with every Gaussian weight evaluated, as the authors' release
   computes it (far weights underflow to denormal floats, on which CPU exp and matmul run 5–20× slower);
 * ``direct``: ``DeChunk`` on padded slots (B, M, D) — the padded execution's form: (M, M) weights
   with those below exp(−60) set to exactly 0, and the (L, M) distance table for the plug-back;
-* ``grid``: ``DeChunk`` on packed tokens (T, D) — the packed execution's form: separable blur on the
-  grid (two matmuls) and the two-pass nearest-kept-cell search.
+* ``grid``: ``DeChunk`` on packed tokens (T, D), forced to the separable blur on the grid (two
+  matmuls), with the two-pass nearest-kept-cell search;
+* ``pairs``: ``DeChunk`` on packed tokens (T, D), forced to the window-pairs form (a sparse (T, T)
+  kernel over the kept neighbours in the truncated window), the same plug-back.
 
-All three run on the same routing record (every sample keeps M random tokens, in raster order);
+Packed execution chooses between ``grid`` and ``pairs`` per batch (``prefer_pairs``); the line after
+the table says which one it chooses here. All four run on the same routing record (every sample keeps M random tokens, in raster order);
 the benchmark checks that they agree before timing, then times them interleaved (median of rounds).
 
     python benchmarks/bench_dechunk.py                                  # 64×64 latent (512 px), B 2, M 1024, D 1152
     python benchmarks/bench_dechunk.py --grid 64 --sigma 2              # the same at σ = 2 (the 512 px setting)
     python benchmarks/bench_dechunk.py --batch 32 --grid 32 --tokens 330 --hidden 96   # MNIST training shapes
+    python benchmarks/bench_dechunk.py --batch 8 --grid 32 --tokens 165 --hidden 384   # spread budgets
 """
 
 from __future__ import annotations
@@ -22,9 +26,16 @@ import argparse
 
 import torch
 
-from common import interleaved, median
+from common import interleaved, machine_info, median, print_machine
 from dcdit.models.chunking import RoutingRecord, gather_tokens
-from dcdit.models.dechunking import DeChunk, grid_coords, nearest_kept_slot, squared_distances
+from dcdit.models.dechunking import (
+    DeChunk,
+    grid_coords,
+    nearest_kept_slot,
+    prefer_pairs,
+    squared_distances,
+    window_ranges,
+)
 
 
 def dense_dechunk(z: torch.Tensor, record: RoutingRecord, sigma: float) -> torch.Tensor:
@@ -61,17 +72,21 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--variants", nargs="+", default=["dense", "direct", "grid"], choices=["dense", "direct", "grid"])
+    ap.add_argument("--variants", nargs="+", default=["dense", "direct", "grid", "pairs"],
+                    choices=["dense", "direct", "grid", "pairs"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print_machine(machine_info())
     record = random_record(args.batch, args.grid, args.tokens, seed=0)
     z = torch.randn(args.batch, args.tokens, args.hidden, generator=torch.Generator().manual_seed(1))
-    dechunk = DeChunk(args.sigma)
+    dechunk = {form: DeChunk(args.sigma, packed_form=form) for form in ("auto", "grid", "pairs")}
     forms = {
         "dense": lambda zz: dense_dechunk(zz, record, args.sigma),
-        "direct": lambda zz: dechunk(zz, record),
-        "grid": lambda zz: dechunk(zz.reshape(-1, args.hidden), record),  # every slot is real: packed = flattened
+        "direct": lambda zz: dechunk["auto"](zz, record),
+        # every slot is real: packed = flattened
+        "grid": lambda zz: dechunk["grid"](zz.reshape(-1, args.hidden), record),
+        "pairs": lambda zz: dechunk["pairs"](zz.reshape(-1, args.hidden), record),
     }
     forms = {k: forms[k] for k in args.variants}
     outs = {k: f(z) for k, f in forms.items()}
@@ -85,6 +100,11 @@ def main() -> None:
     print(f"{'form':<10}{'median s':>10}{'vs ' + args.variants[0]:>12}")
     for k in forms:
         print(f"{k:<10}{median(secs[k]):>10.4f}{median(secs[k]) / base:>12.2f}")
+    pairs = window_ranges(record.kept_mask, record.grid, args.sigma).pairs
+    grid_macs = args.batch * args.grid**2 * 2 * args.grid
+    chosen = "pairs" if prefer_pairs(pairs, args.batch, record.grid, args.hidden) else "grid"
+    print(f"window pairs {pairs}, grid-blur MACs per channel {grid_macs} (ratio {grid_macs / pairs:.2f}): "
+          f"packed execution uses {chosen}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""De-chunking (paper §3.4) against a brute-force loop of the paper's formula, in both forms: the
-direct one (padded execution: (M, M) weights, (L, M) distances) and the grid one (packed execution:
-separable blur on the grid, two-pass nearest-neighbour plug-back), and the two forms against each other.
+"""De-chunking (paper §3.4) against a brute-force loop of the paper's formula, in all three forms: the
+direct one (padded execution: (M, M) weights, (L, M) distances), the grid one (packed execution:
+separable blur on the grid) and the window-pairs one (packed execution: sparse (T, T) kernel over the
+kept neighbours in the truncated window), both packed forms with the two-pass nearest-neighbour
+plug-back, and the forms against each other.
 
 Reference: for every sample, over its REAL kept tokens only (p clamped to [1e-4, 1 − 1e-4]),
     W_ij = exp(−d²_ij / 2σ²) · p_j,  h̃_i = Σ_j W_ij h_j / Σ_j W_ij,  out_i = p_i h_i + (1 − p_i) h̃_i,
@@ -17,14 +19,25 @@ import pytest
 import torch
 
 from dcdit.models.chunking import RoutingRecord
-from dcdit.models.dechunking import DeChunk, gaussian_factor, nearest_kept_cell, nearest_kept_slot
+from dcdit.models.dechunking import (
+    DeChunk,
+    gaussian_factor,
+    nearest_kept_cell,
+    nearest_kept_slot,
+    pair_kernel,
+    prefer_pairs,
+    window_ranges,
+)
 
-FORMS = ["direct", "grid"]
+FORMS = ["direct", "grid", "pairs"]
 
 
-def dechunk(form: str, sigma: float, z: torch.Tensor, rec: RoutingRecord) -> torch.Tensor:
-    """DeChunk on padded slots z (B, M, D) (direct form) or on their real tokens packed (T, D) (grid form)."""
-    return DeChunk(sigma)(z if form == "direct" else z[rec.slot_mask], rec)
+def dechunk(form: str, sigma: float, z: torch.Tensor, rec: RoutingRecord, eps: float = 0.0) -> torch.Tensor:
+    """DeChunk on padded slots z (B, M, D) (direct form) or on their real tokens packed (T, D) (the
+    grid or window-pairs form, forced)."""
+    if form == "direct":
+        return DeChunk(sigma, eps)(z, rec)
+    return DeChunk(sigma, eps, packed_form=form)(z[rec.slot_mask], rec)
 
 
 def make_record(p: torch.Tensor, kept: list[list[int]], padding: list[list[int]], grid) -> RoutingRecord:
@@ -297,28 +310,30 @@ def random_record(B, grid, M, seed, p_low=0.0):
 
 @pytest.mark.parametrize("grid, M, sigma", [((32, 32), 256, 1.0), ((32, 32), 12, 1.0), ((64, 64), 1024, 2.0),
                                             ((64, 64), 40, 2.0), ((24, 40), 300, 1.5)])
-def test_grid_form_equals_direct_form(grid, M, sigma):
-    """The grid form against today's direct form: within 1e-6 of the output's scale (elementwise
+def test_packed_forms_equal_direct_form(grid, M, sigma):
+    """The grid and window-pairs forms against the direct form: within 1e-6 of the output's scale (elementwise
     relative error is meaningless where an output crosses 0), the same plug-back cell everywhere
     (ties exact), and the same gradients. σ = 2 on a 64×64 grid is the 512 px setting."""
     rec = random_record(2, grid, M, seed=M)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, M, 16, generator=g)
     direct = DeChunk(sigma)(z, rec)
-    packed = DeChunk(sigma)(z.reshape(-1, 16), rec)  # every sample keeps M: the slots are all real
-    assert bool(torch.isfinite(packed).all())
-    assert (packed - direct).abs().max() <= 1e-6 * direct.abs().max()
+    for form in ("grid", "pairs"):
+        packed = DeChunk(sigma, packed_form=form)(z.reshape(-1, 16), rec)  # every sample keeps M: all slots real
+        assert bool(torch.isfinite(packed).all())
+        assert (packed - direct).abs().max() <= 1e-6 * direct.abs().max(), form
     cells = rec.kept_idx.gather(1, nearest_kept_slot(rec))
     assert torch.equal(nearest_kept_cell(rec.kept_mask, grid), cells)
     weight = torch.randn(direct.shape, generator=g)
     grads = []
-    for form in FORMS:
+    for form in FORMS:  # direct first: the reference
         zz, pp = z.clone().requires_grad_(True), rec.p.clone().requires_grad_(True)
         r = RoutingRecord(pp, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, rec.grid)
         (dechunk(form, sigma, zz, r) * weight).sum().backward()
         grads.append((zz.grad, pp.grad))
-    for a, b in zip(*grads):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    for packed_grads in grads[1:]:
+        for a, b in zip(packed_grads, grads[0]):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_gaussian_factor_is_the_truncated_kernel():
@@ -331,12 +346,126 @@ def test_gaussian_factor_is_the_truncated_kernel():
     assert G[0, 7] > 0 and G[0, 8] == 0
 
 
-def test_grid_form_adds_dechunk_eps_like_the_direct_form():
-    """``dechunk_eps`` (the release's 1e-8) enters both forms' weight sums: a large eps makes the
-    difference visible, so a grid form that ignored it would fail."""
+@pytest.mark.parametrize("form", ["grid", "pairs"])
+def test_packed_forms_add_dechunk_eps_like_the_direct_form(form):
+    """``dechunk_eps`` (the release's 1e-8) enters every form's weight sums: a large eps makes the
+    difference visible, so a packed form that ignored it would fail."""
     rec = random_record(2, (6, 7), 9, seed=3)
     z = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(2))
     direct = DeChunk(1.0, eps=0.5)(z, rec)
-    grid = DeChunk(1.0, eps=0.5)(z.reshape(-1, 4), rec)
-    torch.testing.assert_close(grid, direct, atol=1e-6, rtol=1e-6)
-    assert (grid - DeChunk(1.0)(z.reshape(-1, 4), rec)).abs().max() > 1e-3
+    packed = DeChunk(1.0, eps=0.5, packed_form=form)(z.reshape(-1, 4), rec)
+    torch.testing.assert_close(packed, direct, atol=1e-6, rtol=1e-6)
+    assert (packed - DeChunk(1.0, packed_form=form)(z.reshape(-1, 4), rec)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------- window-pairs form
+
+
+def brute_force_kernel(kept_mask: torch.Tensor, grid, sigma: float) -> torch.Tensor:
+    """(T, T) dense: exp(−Δr²/2σ²)·exp(−Δc²/2σ²) for every pair of kept tokens of the same sample whose
+    per-axis exponents are both ≤ 30 (the grid form's cut), 0 otherwise; packed order, by loops."""
+    _, W = grid
+    B, L = kept_mask.shape
+    toks = [(b, l // W, l % W) for b in range(B) for l in range(L) if kept_mask[b, l]]
+    K = torch.zeros(len(toks), len(toks), dtype=torch.float64)
+    for i, (bi, ri, ci) in enumerate(toks):
+        for j, (bj, rj, cj) in enumerate(toks):
+            er, ec = (ri - rj) ** 2 / (2 * sigma**2), (ci - cj) ** 2 / (2 * sigma**2)
+            if bi == bj and er <= 30 and ec <= 30:
+                K[i, j] = math.exp(-er) * math.exp(-ec)
+    return K
+
+
+@pytest.mark.parametrize("grid, counts, sigma", [((5, 7), [1, 9, 35], 1.0), ((9, 4), [36, 2, 20], 2.0),
+                                                 ((20, 17), [150, 1, 40], 1.0), ((20, 17), [340, 60], 1.5)])
+def test_pair_kernel_is_the_truncated_gaussian_over_kept_pairs(grid, counts, sigma):
+    """The sparse K against a loop over all kept pairs. Catches a run that crosses a sample or a row
+    boundary, a window clipped wrongly at the grid edge (σ = 2 on 9×4: the window is larger than the
+    grid), an off-by-one radius (20×17 at σ = 1: |Δ| = 7 in, 8 out) and unsorted or shifted columns."""
+    rec, _, _ = random_case(grid, counts, seed=sum(counts))
+    ranges = window_ranges(rec.kept_mask, grid, sigma)
+    K = pair_kernel(ranges, sigma)
+    want = brute_force_kernel(rec.kept_mask, grid, sigma)
+    assert ranges.pairs == int((want > 0).sum())
+    # float32 exponents up to 60: exp(−e) carries the rounding of e, ~2e-6 relative at e ≈ 30 + 30
+    torch.testing.assert_close(K.to_dense().double(), want, rtol=1e-5, atol=0)
+    cols, crow = K.col_indices(), K.crow_indices()
+    for i in range(K.shape[0]):  # sorted columns within every row (CSR's canonical form)
+        assert bool((cols[crow[i]:crow[i + 1]].diff() > 0).all())
+
+
+@pytest.mark.parametrize("grid, counts", [((6, 6), [1, 36, 12]), ((5, 9), [45, 1]), ((12, 12), [1, 2, 144, 70])])
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_pairs_form_matches_brute_force_from_one_to_all_tokens(grid, counts, sigma):
+    """Kept counts from 1 token to the whole grid in one batch: the window-pairs form against the loop
+    formula. A sample with 1 token must give its token everywhere; a full sample exercises every
+    window run."""
+    rec, z, kept = random_case(grid, counts, seed=len(counts) * 7 + grid[1])
+    got = dechunk("pairs", sigma, z, rec)
+    torch.testing.assert_close(got.double(), brute_force_dechunk(z.double(), rec.p.double(), kept, grid, sigma),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_pairs_form_gradcheck_float64():
+    """torch.autograd.gradcheck of the window-pairs smoothing + plug-back w.r.t. z and p in float64
+    (finite differences): catches a wrong backward of the symmetric kernel product (K @ grad must equal
+    Kᵀ @ grad), a missing denominator gradient to p, or a gradient that leaks into K."""
+    grid, counts = (5, 4), [6, 1, 20]
+    rec, _, _ = random_case(grid, counts, seed=4)
+    T = sum(counts)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(T, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    p = (0.05 + 0.9 * torch.rand(len(counts), 20, dtype=torch.float64, generator=g)).requires_grad_(True)
+    dc = DeChunk(1.5, eps=1e-3, packed_form="pairs")
+
+    def f(z, p):
+        r = RoutingRecord(p, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
+        return dc.plug_back(dc.smooth_pairs(z, r), r)
+
+    assert torch.autograd.gradcheck(f, (z, p), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_pairs_form_gradients_equal_direct_form_with_uneven_counts():
+    """A realistic batch whose kept counts differ widely (1 token, 20%, 90% of a 32×32 grid), D = 64:
+    outputs and the gradients w.r.t. z and p of the window-pairs form against the direct form's
+    (padded slots), within 1e-6 / 1e-5 of their scales."""
+    grid = (32, 32)
+    rec, z, _ = random_case(grid, counts=[1, 205, 922], seed=21, D=64)
+    weight = torch.randn(3, 1024, 64, generator=torch.Generator().manual_seed(5))
+    outs, grads = [], []
+    for form in ("direct", "pairs"):
+        zz, pp = z.clone().requires_grad_(True), rec.p.clone().requires_grad_(True)
+        r = RoutingRecord(pp, rec.natural_mask, rec.kept_mask, rec.kept_idx, rec.kept_count, grid)
+        out = dechunk(form, 1.0, zz, r)
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append((zz.grad[rec.slot_mask], pp.grad))
+    assert (outs[1] - outs[0]).abs().max() <= 1e-6 * outs[0].abs().max()
+    for a, b in zip(grads[1], grads[0]):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("grid, M, sigma, D, expect_pairs", [((32, 32), 40, 1.0, 160, True), ((32, 32), 1024, 2.0, 160, False),
+                                                                ((8, 8), 4, 1.0, 8, False)])
+def test_auto_form_choice_is_numerically_irrelevant(grid, M, sigma, D, expect_pairs):
+    """The per-batch rule picks window pairs for a sparse record, the grid blur when every cell is kept
+    at σ = 2 (more pairs than grid MACs per channel) and on a tiny grid (below PAIRS_MIN_GRID_MACS);
+    whichever it picks, the output and the z-gradient equal both forced forms within 1e-6 of their scale."""
+    rec = random_record(2, grid, M, seed=M)
+    pairs = window_ranges(rec.kept_mask, grid, sigma).pairs
+    assert prefer_pairs(pairs, 2, grid, D) is expect_pairs
+    z = torch.randn(2 * M, D, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for form in ("auto", "grid", "pairs"):
+        zz = z.clone().requires_grad_(True)
+        out = DeChunk(sigma, packed_form=form)(zz, rec)
+        out.square().sum().backward()
+        results[form] = (out.detach(), zz.grad)
+    for form in ("grid", "pairs"):
+        for a, b in zip(results["auto"], results[form]):
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max(), form
+
+
+def test_dechunk_rejects_an_unknown_packed_form():
+    with pytest.raises(ValueError, match="packed_form"):
+        DeChunk(1.0, packed_form="sparse")

@@ -6,20 +6,32 @@
 2. Plug-back: each of the L grid positions takes ``out`` of its nearest kept token (Euclidean on the
    grid; ties go to the lowest grid index).
 
-Both run in float32 even under autocast. Two implementations of the same formula:
+Both run in float32 even under autocast. Three implementations of the same formula:
 
-* **On the grid** (packed execution, z (T, D)): the Gaussian factorises, exp(−d²/2σ²) =
-  exp(−Δr²/2σ²)·exp(−Δc²/2σ²), so Σ_j W_ij h_j is a separable blur. p_j·h_j and p_j are scattered onto
-  the H×W grid (zero elsewhere), blurred along rows then columns by two dense matmuls with the
-  truncated 1-D kernel matrices, and numerator / denominator are read back at the kept cells:
-  L·(H + W)·(D + 1) MACs per sample, whatever M is. The plug-back index comes from a two-pass exact
-  nearest-neighbour search (nearest kept row per column, then the best column per cell): an
-  (H, W, W) integer table instead of the (L, M) distance table.
+* **Window pairs** (packed execution, z (T, D), chosen per batch when it is cheaper): Σ_j W_ij h_j
+  over the pairs of kept tokens inside the truncated Gaussian window (|Δr|, |Δc| ≤ R = ⌊σ·√60⌋, the
+  per-axis cut of the grid form below: R = 7 at σ = 1), as a constant sparse (T, T) matrix
+  K_ij = exp(−d²_ij/2σ²), block-diagonal per sample: numerator K @ (p·h), denominator K @ p. K is symmetric, so the backward
+  is K @ grad too; it costs (pairs)·(D + 1) MACs each way, pairs ≈ T·(2R + 1)²·(kept fraction).
+  K is built without a table of the window: in every window row the kept neighbours are one
+  contiguous run of packed rows (packing is raster order), found from the cumulative kept count.
+* **On the grid** (packed execution, z (T, D), chosen when the pairs are many): the Gaussian
+  factorises, exp(−d²/2σ²) = exp(−Δr²/2σ²)·exp(−Δc²/2σ²), so Σ_j W_ij h_j is a separable blur.
+  p_j·h_j and p_j are scattered onto the H×W grid (zero elsewhere), blurred along rows then columns
+  by two dense matmuls with the truncated 1-D kernel matrices, and numerator / denominator are read
+  back at the kept cells: L·(H + W)·(D + 1) MACs per sample, whatever M is.
 * **Direct** (padded execution, z (B, M, D), the reference): the (M, M) weight matrix and the (L, M)
   distance table, as in the release: O(M²·D + L·M).
+
+Packed execution's plug-back index comes from a two-pass exact nearest-neighbour search (nearest kept
+row per column, then the best column per cell): an (H, W, W) integer table instead of the (L, M)
+distance table. Which packed form is faster is measured in docs/benchmarks.md ("De-chunk on the grid").
 """
 
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -71,11 +83,18 @@ _NEGLIGIBLE_EXPONENT = 60.0
 _AXIS_NEGLIGIBLE_EXPONENT = 30.0
 
 
+def axis_kernel(n: int, sigma: float, device=None) -> torch.Tensor:
+    """(n,) float32: k[Δ] = exp(−Δ²/2σ²) for Δ = 0 … n − 1, 0 where the exponent exceeds the cut.
+    The one place of the per-axis truncation rule (both packed forms use it)."""
+    d = torch.arange(n, device=device, dtype=torch.float32)
+    e = d**2 / (2 * sigma**2)
+    return torch.where(e <= _AXIS_NEGLIGIBLE_EXPONENT, torch.exp(-e.clamp(max=_AXIS_NEGLIGIBLE_EXPONENT)), 0.0)
+
+
 def gaussian_factor(n: int, sigma: float, device=None) -> torch.Tensor:
     """(n, n) float32: G[a, b] = exp(−(a − b)²/2σ²), 0 where the exponent exceeds the cut."""
-    a = torch.arange(n, device=device, dtype=torch.float32)
-    e = (a[:, None] - a[None, :]) ** 2 / (2 * sigma**2)
-    return torch.where(e <= _AXIS_NEGLIGIBLE_EXPONENT, torch.exp(-e.clamp(max=_AXIS_NEGLIGIBLE_EXPONENT)), 0.0)
+    a = torch.arange(n, device=device)
+    return axis_kernel(n, sigma, device)[(a[:, None] - a[None, :]).abs()]
 
 
 def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -116,15 +135,127 @@ def nearest_kept_cell(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     return (key.min(dim=-1).values % L).view(B, L)
 
 
+@dataclass
+class WindowRanges:
+    """The kept neighbours of every packed token inside the truncated window, as runs of packed rows.
+
+    start, count: (T, 2R + 1) long, row offset Δr = −R … R: the kept tokens of grid row r + Δr with
+                  columns in [c − R', c + R'] are the packed rows start … start + count − 1
+                  (packing is raster order within a sample; rows off the grid have count 0).
+    col:          (T,) long, each packed token's grid column c.
+    radius:       (R, R'), the window's half-sizes along rows and columns.
+    grid:         (H, W).
+    pairs:        Σ count: the (ordered) neighbour pairs, i included — K's non-zeros.
+    """
+
+    start: torch.Tensor
+    count: torch.Tensor
+    col: torch.Tensor
+    radius: tuple[int, int]
+    grid: tuple[int, int]
+    pairs: int
+
+
+def window_ranges(kept: torch.Tensor, grid: tuple[int, int], sigma: float) -> WindowRanges:
+    """kept (B, L) bool -> the window neighbours of every kept token (packed order), in O(T·(2R + 1)).
+
+    first[b, R + r, c] is the packed row of the first kept cell at or after (r, c) in raster order
+    (c = W: after row r), from the cumulative kept count; rows off the grid are padding with equal
+    bounds, i.e. empty runs."""
+    H, W = grid
+    B, L = kept.shape
+    Rr = int((axis_kernel(H, sigma) > 0).sum()) - 1  # largest |Δr| kept by the per-axis cut
+    Rc = int((axis_kernel(W, sigma) > 0).sum()) - 1
+    flat = kept.reshape(-1)
+    after = flat.cumsum(0).view(B, H, W)  # packed row + 1 of each kept cell
+    first = after.new_zeros(B, H + 2 * Rr, W + 1)
+    first[:, Rr:Rr + H, 1:] = after
+    first[:, Rr:Rr + H, 0] = after[:, :, 0] - kept.view(B, H, W)[:, :, 0].long()
+    cells = flat.nonzero().squeeze(1)  # (T,) flat b·L + l: the packed order
+    b, r, c = cells // L, cells % L // W, cells % W
+    rows = (b * (H + 2 * Rr) + r)[:, None] + torch.arange(2 * Rr + 1, device=kept.device)  # (T, 2R + 1)
+    first = first.view(-1, W + 1)
+    start = first[rows, (c - Rc).clamp(min=0)[:, None]]
+    count = first[rows, (c + Rc + 1).clamp(max=W)[:, None]] - start
+    return WindowRanges(start, count, c, (Rr, Rc), (H, W), int(count.sum()))
+
+
+def pair_kernel(ranges: WindowRanges, sigma: float, dtype=torch.float32) -> torch.Tensor:
+    """The (T, T) sparse CSR matrix K_ij = exp(−Δr²/2σ²)·exp(−Δc²/2σ²) over the window pairs
+    (block-diagonal per sample, symmetric, columns sorted within each row)."""
+    start, count = ranges.start, ranges.count
+    T, n_rows = start.shape
+    Rr, _ = ranges.radius
+    device = start.device
+    n = count.reshape(-1)
+    crow = torch.zeros(T + 1, dtype=torch.long, device=device)
+    torch.cumsum(count.sum(1), 0, out=crow[1:])
+    run_begin = n.cumsum(0) - n  # position of each run in the non-zeros
+    idx = torch.arange(ranges.pairs, device=device)
+    col = idx + torch.repeat_interleave(start.reshape(-1) - run_begin, n, output_size=ranges.pairs)
+    # weight table over (Δr + R, Δc + W − 1); run (t, Δr) looks up Δc = c_j − c_t
+    H, W = ranges.grid
+    dr = torch.arange(-Rr, Rr + 1, device=device).abs()
+    dc = torch.arange(-(W - 1), W, device=device).abs()
+    table = axis_kernel(H, sigma, device)[dr][:, None] * axis_kernel(W, sigma, device)[dc][None, :]
+    run_code = (torch.arange(n_rows, device=device) * (2 * W - 1))[None, :] + (W - 1) - ranges.col[:, None]
+    lookup = torch.repeat_interleave(run_code.reshape(-1), n, output_size=ranges.pairs)
+    lookup += ranges.col.index_select(0, col)
+    values = table.reshape(-1).index_select(0, lookup).to(dtype)
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, (T, T), check_invariants=False)
+
+
+class SymmetricKernelProduct(torch.autograd.Function):
+    """K @ x for a constant symmetric (sparse) K: the gradient w.r.t. x is Kᵀ @ grad = K @ grad, so
+    the backward reuses K (no transpose of a CSR matrix) and nothing flows to K."""
+
+    @staticmethod
+    def forward(ctx, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.kernel = kernel  # a constant: not saved for backward as an input
+        return kernel @ x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return None, ctx.kernel @ grad
+
+
+#: The window-pairs form is chosen when PAIRS_COST_FACTOR · pairs < B·L·(H + W) (the grid form's
+#: MACs per channel). One sparse MAC costs a few dense ones (an indexed read per non-zero, against
+#: the blur's dense matmuls); the factor is the measured crossover on the 2-core CPU
+#: (docs/benchmarks.md, "De-chunk on the grid").
+PAIRS_COST_FACTOR = 2.0
+#: ... and only when the grid blur has at least this many MACs: building K is a dozen small ops
+#: (~0.3 ms more than the blur's setup, measured on the 2-core CPU), which the blur of a small grid
+#: (e.g. 4×6, D 32: 8·10³ MACs) does not repay.
+PAIRS_MIN_GRID_MACS = 10**7
+
+
+def prefer_pairs(pairs: int, batch: int, grid: tuple[int, int], channels: int) -> bool:
+    """Whether the window-pairs smoothing is the cheaper packed form for this batch of ``channels``-wide
+    tokens (the grid form's cost: B·L·(H + W)·(D + 1) MACs)."""
+    H, W = grid
+    grid_macs_per_channel = batch * H * W * (H + W)
+    return grid_macs_per_channel * (channels + 1) >= PAIRS_MIN_GRID_MACS and \
+        PAIRS_COST_FACTOR * pairs < grid_macs_per_channel
+
+
 class DeChunk(nn.Module):
     """Inner outputs + routing record -> (B, L, D) on the full grid. z is packed (T, D) (the kept
-    tokens of all samples in raster order, sample after sample: the grid form) or padded (B, M, D)
-    in the record's slots (the direct form)."""
+    tokens of all samples in raster order, sample after sample: the window-pairs or grid form) or
+    padded (B, M, D) in the record's slots (the direct form)."""
 
-    def __init__(self, sigma: float = 1.0, eps: float = 0.0):
+    PACKED_FORMS = ("auto", "pairs", "grid")
+
+    def __init__(self, sigma: float = 1.0, eps: float = 0.0, packed_form: str = "auto"):
         super().__init__()
+        if packed_form not in self.PACKED_FORMS:
+            raise ValueError(f"packed_form must be one of {self.PACKED_FORMS}, got {packed_form!r}")
         self.sigma = sigma
         self.eps = eps  # added to every row's weight sum; the release adds 1e-8
+        self.packed_form = packed_form  # "auto": per batch by prefer_pairs; the others for tests and benchmarks
 
     def smooth(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Gaussian smoothing over the real kept tokens: (B, M, D) -> (B, M, D)."""
@@ -152,6 +283,27 @@ class DeChunk(nn.Module):
         h_tilde = blurred[:, :-1] / (blurred[:, -1:] + self.eps)  # the own cell's weight p_i > 0 keeps it finite
         return p * z + (1 - p) * h_tilde
 
+    def smooth_pairs(self, z: torch.Tensor, record: RoutingRecord, ranges: WindowRanges | None = None) -> torch.Tensor:
+        """The same smoothing for packed tokens over the window pairs: (T, D) -> (T, D)."""
+        if ranges is None:
+            ranges = window_ranges(record.kept_mask, record.grid, self.sigma)
+        kernel = pair_kernel(ranges, self.sigma, z.dtype)
+        p = record.p.reshape(-1)[record.packed_index].clamp(1e-4, 1 - 1e-4)[:, None].to(z.dtype)  # (T, 1)
+        pz = p * z
+        numerator = SymmetricKernelProduct.apply(kernel, pz)
+        denominator = SymmetricKernelProduct.apply(kernel, p) + self.eps  # ≥ the own weight p_i > 0
+        return torch.addcmul(pz, (1 - p) / denominator, numerator)  # p h + (1 − p) h̃
+
+    def smooth_packed(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Packed smoothing (T, D) -> (T, D) in the cheaper form for this batch (``packed_form``)."""
+        if self.packed_form == "grid":
+            return self.smooth_on_grid(z, record)
+        ranges = window_ranges(record.kept_mask, record.grid, self.sigma)
+        batch = record.kept_mask.shape[0]
+        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, batch, record.grid, z.shape[1]):
+            return self.smooth_pairs(z, record, ranges)
+        return self.smooth_on_grid(z, record)
+
     def plug_back(self, out: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Packed (T, D) de-chunked tokens -> (B, L, D): every cell takes its nearest kept token."""
         B, L = record.kept_mask.shape
@@ -163,7 +315,7 @@ class DeChunk(nn.Module):
 
     def forward(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if z.dim() == 2:  # packed: the grid form
-                return self.plug_back(self.smooth_on_grid(z.float(), record), record)
+            if z.dim() == 2:  # packed: window pairs or grid blur
+                return self.plug_back(self.smooth_packed(z.float(), record), record)
             out = self.smooth(z.float(), record)
             return gather_tokens(out, nearest_kept_slot(record))
