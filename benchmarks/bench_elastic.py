@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import dcdit
-from common import (DYNAMIC, PHASES, PhaseTimer, in_execution, interleaved, machine_info, make_sync, mean_components,
+from common import (DYNAMIC, PHASES, PhaseTimer, in_execution, interleaved, machine_info, make_sync, record_components,
                     median, no_gc, phase_flops, print_machine, timed)
 from dcdit.baselines import isoflop_dit, isoparam_dit
 from dcdit.config import DCDiTConfig, DiTConfig, build_model, count_parameters, get_preset, model_config_to_dict
@@ -195,7 +195,7 @@ def baseline_model(bench: Bench, role: str) -> nn.Module:
 def dc_row(bench: Bench, execution: str, f: float, secs: list[float], recs: list) -> dict:
     counts = [int(c) for r in recs for c in r.kept_count.tolist()]
     cfg = dataclasses.replace(bench.dc_cfg, execution=execution)
-    comps = mean_components(cfg, counts)
+    comps = record_components(cfg, recs)
     Ms = [int(r.kept_count.max()) for r in recs]
     padded = sum(dcdit_macs(cfg, m).total for m in Ms) / len(Ms) if execution == "padded" else sum(comps.values())
     return dict(model=f"DC-DiT {execution} f={f:g}", role="dcdit", arch="dcdit", execution=execution, fraction=f,
@@ -232,7 +232,7 @@ def bench_forward(bench: Bench) -> list[dict]:
     f0 = min(a.fractions)
     with torch.inference_mode():  # a probe call: the isoflop DiT matches the measured MACs at the smallest f
         rec = dc_call(next(iter(bench.dc_models.values())), f0)()
-    add_baselines(bench, sum(mean_components(bench.dc_cfg, rec.kept_count.tolist()).values()))
+    add_baselines(bench, sum(record_components(bench.dc_cfg, [rec]).values()))
     fns = {("dit", role): (lambda m=m: m(x, t, y)) for role, (_, _, m) in bench.baselines.items() if not isinstance(m, str)}
     fns.update({(ex, f): dc_call(m, f) for ex, m in bench.dc_models.items() for f in a.fractions})
     with torch.inference_mode():
@@ -268,8 +268,7 @@ def bench_breakdown(bench: Bench) -> list[dict]:
                 timer.remove()
             timer.runs = timer.runs[-a.repeats:]
             secs = timer.median_seconds()
-            counts = [int(c) for r in recs for c in r.kept_count.tolist()]
-            pf = phase_flops(mean_components(dataclasses.replace(bench.dc_cfg, execution=ex), counts))
+            pf = phase_flops(record_components(dataclasses.replace(bench.dc_cfg, execution=ex), recs))
             tot_s, tot_f = sum(secs.values()), sum(pf.values())
             out.append(dict(execution=ex, fraction=f, seconds=secs, macs=pf,
                             time_share={k: v / tot_s for k, v in secs.items()},
@@ -330,7 +329,7 @@ def bench_guided(bench: Bench) -> list[dict]:
             recs = outs[(ex, s)]
             kc = [int(c) for r in recs for c in r.kept_count[:B].tolist()]
             ku = [int(c) for r in recs for c in r.kept_count[B:].tolist()]
-            mean = sum(dcdit_macs(cfg, m).total for m in kc + ku) / len(kc)  # cond + uncond per image
+            mean = 2 * sum(record_components(cfg, recs).values())  # cond + uncond per image
             # the padded reference pads each half to its own maximum (when the fractions differ)
             halves = [(r.kept_count[:B].max(), r.kept_count[B:].max()) if fc != fu else (r.kept_count.max(),) * 2 for r in recs]
             padded = (sum(dcdit_macs(cfg, int(c)).total + dcdit_macs(cfg, int(u)).total for c, u in halves) / len(halves)

@@ -62,8 +62,13 @@ def dcdit_pair(cfg: DCDiTConfig, seed: int):
     return {"packed": packed, "padded": in_execution(packed, "padded")}
 
 
-def mean_macs(cfg: DCDiTConfig, execution: str, counts: list[int]) -> float:
-    return sum(mean_components(dataclasses.replace(cfg, execution=execution), counts).values())
+def mean_macs(cfg: DCDiTConfig, execution: str, counts: list[int], pairs: list[int] | None = None) -> float:
+    return sum(mean_components(dataclasses.replace(cfg, execution=execution), counts, pairs).values())
+
+
+def pair_counts(record) -> list[int] | None:
+    """The packed de-chunk's window pairs per sample (None: it ran the grid blur)."""
+    return None if record.dechunk_pairs is None else record.dechunk_pairs.tolist()
 
 
 # ------------------------------------------------------------------------------------------ case 1
@@ -100,18 +105,20 @@ def spread_forward(args) -> dict:
         name = f"DC-DiT {ex}"
         M = int(rec.kept_count.max())
         macs_at = mean_macs(cfg, ex, [M] * B) if ex == "padded" else None  # what the padded batch computed
-        rows[name] = dict(sec=median(secs[name]), macs=mean_macs(cfg, ex, counts), macs_padded=macs_at, sec_all=secs[name])
+        pairs = pair_counts(rec) if ex == "packed" else None
+        rows[name] = dict(sec=median(secs[name]), macs=mean_macs(cfg, ex, counts, pairs), macs_padded=macs_at, sec_all=secs[name])
     for r in rows.values():
         r["time_ratio"] = r["sec"] / rows["DiT/2"]["sec"]
         r["mac_ratio"] = r["macs"] / dit_macs_
         r["time_per_mac_ratio"] = r["time_ratio"] / r["mac_ratio"]
     out = dict(config=dataclasses.asdict(cfg), dit_config=dataclasses.asdict(dit_cfg), fractions=SPREAD_FRACTIONS,
                kept_counts=counts, padded_M=int(rec.kept_count.max()), rows=rows)
-    out["breakdown"] = {ex: forward_breakdown(dc[ex], (x, t, y, fractions), cfg, counts, args) for ex in ("packed", "padded")}
+    out["breakdown"] = {ex: forward_breakdown(dc[ex], (x, t, y, fractions), cfg, counts, args,
+                                              pair_counts(rec) if ex == "packed" else None) for ex in ("packed", "padded")}
     return out
 
 
-def forward_breakdown(model, inputs, cfg, counts, args) -> dict:
+def forward_breakdown(model, inputs, cfg, counts, args, pairs=None) -> dict:
     """Median seconds per forward phase (hooks) next to the phase's MAC share."""
     timer = PhaseTimer(model)
     try:
@@ -122,7 +129,7 @@ def forward_breakdown(model, inputs, cfg, counts, args) -> dict:
     finally:
         timer.remove()
     secs = timer.median_seconds()
-    macs = phase_flops(mean_components(dataclasses.replace(cfg, execution=model.execution), counts))
+    macs = phase_flops(mean_components(dataclasses.replace(cfg, execution=model.execution), counts, pairs))
     total_s, total_m = sum(secs.values()), sum(macs.values())
     return dict(seconds=secs, time_share={k: v / total_s for k, v in secs.items()},
                 mac_share={k: v / total_m for k, v in macs.items()},
@@ -206,11 +213,12 @@ def training_step(args) -> dict:
 
     secs, outs = interleaved({n: call(n) for n in models}, args.rounds, args.warmup)
     counts = outs["DC-DiT packed"][-1].kept_count.tolist()
+    pairs = pair_counts(outs["DC-DiT packed"][-1])
     iso_cfg = models["isoflop DiT/2"][1]
     dc_cfg = models["DC-DiT packed"][1]
     rows = {"isoflop DiT/2": dict(sec=median(secs["isoflop DiT/2"]), macs=dit_macs(iso_cfg).total)}
     for ex in ("packed", "padded"):
-        rows[f"DC-DiT {ex}"] = dict(sec=median(secs[f"DC-DiT {ex}"]), macs=mean_macs(dc_cfg, ex, counts))
+        rows[f"DC-DiT {ex}"] = dict(sec=median(secs[f"DC-DiT {ex}"]), macs=mean_macs(dc_cfg, ex, counts, pairs if ex == "packed" else None))
     base = rows["isoflop DiT/2"]
     for name, r in rows.items():
         r["sec_all"] = secs[name]

@@ -203,16 +203,32 @@ def phase_flops(components: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def mean_components(cfg, counts: list[int]) -> dict[str, float]:
+def mean_components(cfg, counts: list[int], pairs: list[int] | None = None) -> dict[str, float]:
     """Per-sample MACs per dcdit.flops component, averaged over samples with the given kept counts
-    (each sample at its own count: the paper's convention, and what packed execution computes)."""
+    (each sample at its own count: the paper's convention, and what packed execution computes).
+    ``pairs``: the packed de-chunk's window pairs per sample when it ran that form
+    (``RoutingRecord.dechunk_pairs``), else None (the grid blur is charged)."""
     from dcdit.flops import dcdit_macs
 
-    cache: dict[int, dict] = {}
+    cache: dict[tuple, dict] = {}
     out: dict[str, float] = {}
-    for m in counts:
+    for m in zip(counts, pairs or [None] * len(counts)):
         if m not in cache:
-            cache[m] = dcdit_macs(cfg, m).components
+            cache[m] = dcdit_macs(cfg, m[0], dechunk_pairs=m[1]).components
         for k, v in cache[m].items():
             out[k] = out.get(k, 0.0) + v / len(counts)
+    return out
+
+
+def record_components(cfg, records: list) -> dict[str, float]:
+    """Per-sample MACs per dcdit.flops component, averaged over every sample of the given forward
+    passes' RoutingRecords, each charged as it ran (``dcdit.flops.record_macs``: its own kept count,
+    the de-chunk form of its batch, DyDiT gates)."""
+    from dcdit.flops import record_macs
+
+    out: dict[str, float] = {}
+    per_sample = [b for r in records for b in record_macs(cfg, r)]
+    for b in per_sample:
+        for k, v in b.components.items():
+            out[k] = out.get(k, 0.0) + v / len(per_sample)
     return out

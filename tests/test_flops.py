@@ -26,6 +26,7 @@ from dcdit.flops import (
     flops_report,
     flops_table,
     model_macs,
+    record_macs,
     sampling_flops,
 )
 
@@ -440,3 +441,38 @@ def test_sampling_flops_reads_a_real_lite_cfg_trace(helpers):
                        for e in res.trace)
         assert flops["macs_per_image_each"][i] == expected
     assert flops["mean_uncond_kept"] <= flops["mean_kept"]
+
+
+def test_packed_dechunk_is_charged_in_the_form_it_ran(helpers):
+    """A batch sparse enough for the window-pairs form (32×32 grid, few kept tokens): the record carries
+    each sample's pairs (the kernel's non-zeros, counted here independently from the kept mask) and
+    record_macs / sampling_flops charge pairs·(D + 1) for the smoothing; the padded execution of the same
+    model has no pairs and is charged its direct form."""
+    cfg = DCDiTConfig(input_size=32, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                      encoder_width=16, conv_norm_groups=8, router="random", target_ratio=16.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, record = model(x, torch.full((8,), 500), torch.arange(8))
+    assert record.dechunk_pairs is not None
+    W, R = 32, 7  # σ = 1: the per-axis cut keeps |Δ| ≤ 7 (exp(−Δ²/2) ≥ exp(−30))
+    for b in range(8):
+        cells = record.kept_mask[b].nonzero().squeeze(1)
+        r, c = cells // W, cells % W
+        pairs = int((((r[:, None] - r[None]).abs() <= R) & ((c[:, None] - c[None]).abs() <= R)).sum())
+        assert int(record.dechunk_pairs[b]) == pairs
+        assert record_macs(cfg, record)[b].components["dechunk.smoothing"] == pairs * (32 + 1)
+    from dcdit.sampling import generate
+
+    res = generate(model, [1, 2, 3, 4, 5, 6, 7, 8], sampler="ddim", num_sampling_steps=2, num_snapshots=0)
+    flops = sampling_flops(cfg, res.trace)
+    for i in range(8):
+        assert flops["macs_per_image_each"][i] == sum(
+            dcdit_macs(cfg, int(e["kept"][i]), dechunk_pairs=int(e["dechunk_pairs"][i])).total for e in res.trace)
+    padded = dataclasses.replace(cfg, execution="padded")
+    model_p = build_model(padded).eval()
+    model_p.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        _, rec_p = model_p(x, torch.full((8,), 500), torch.arange(8))
+    assert rec_p.dechunk_pairs is None

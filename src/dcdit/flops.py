@@ -37,9 +37,12 @@ chunk               0 (a gather; positions are an add)
 blocks.*            per inner block with M tokens: attention_linear (qkv + proj) 4·D²·M,
                     attention_matmul 2·M²·D, mlp 2·mlp_ratio·D²·M (0 for a block without MLP,
                     ``model.inner_mlp``), adaLN 6·D² (per sample, computed in full by every block)
-dechunk.smoothing   packed execution (the default): the separable blur on the H×W grid, a W×W
-                    matmul along the rows and an H×H one along the columns of D + 1 channels
-                    (numerator and denominator): L·(H + W)·(D + 1), independent of M.
+dechunk.smoothing   packed execution (the default), in the form the batch ran: the window pairs
+                    (a sparse kernel over the kept neighbours, numerator and denominator):
+                    pairs·(D + 1) (``RoutingRecord.dechunk_pairs``), or the separable blur on the
+                    H×W grid, a W×W matmul along the rows and an H×H one along the columns of D + 1
+                    channels: L·(H + W)·(D + 1), independent of M (also the charge when only M is
+                    known: an upper bound, the pairs form runs only when it is cheaper).
                     Padded execution (the direct form): the pairwise squared distances
                     |a|²+|b|²−2a·b, whose matmul of (M, 2) grid coordinates costs 2·M², plus the
                     M×M weight matrix applied to D channels M²·D
@@ -181,8 +184,11 @@ def _inner_blocks(cfg: DCDiTConfig, M: int | float, dydit_usage=None) -> dict[st
     return total
 
 
-def _dechunk(execution: str, H: int, W: int, D: int, M: int | float) -> dict[str, float]:
-    """The de-chunk as each execution computes it (models/dechunking.py): grid blur or direct form."""
+def _dechunk(execution: str, H: int, W: int, D: int, M: int | float, pairs: int | None = None) -> dict[str, float]:
+    """The de-chunk as each execution computes it (models/dechunking.py): window pairs or grid blur
+    (packed), direct form (padded)."""
+    if execution == "packed" and pairs is not None:
+        return {"dechunk.smoothing": pairs * (D + 1), "dechunk.plug_back": 0}
     if execution == "packed":
         return {"dechunk.smoothing": H * W * (H + W) * (D + 1), "dechunk.plug_back": 0}
     return {"dechunk.smoothing": 2 * M * M + M * M * D, "dechunk.plug_back": 2 * H * W * M}
@@ -227,11 +233,14 @@ def dit_macs(cfg: DiTConfig) -> FlopBreakdown:
     return FlopBreakdown(f"DiT (D={D}, depth={cfg.depth}, P={P}, {H}x{W})", comps, T, T)
 
 
-def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None) -> FlopBreakdown:
+def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None, dechunk_pairs: int | None = None) -> FlopBreakdown:
     """MACs of one DC-DiT forward pass for one sample whose inner sequence has ``kept_tokens`` (M).
 
     DyDiT models (``cfg.dydit``): ``dydit_usage`` is one (heads on, groups on, tokens through the MLP)
-    per inner block (``models.dydit.dydit_usage`` gives it per sample); None counts every gate on."""
+    per inner block (``models.dydit.dydit_usage`` gives it per sample); None counts every gate on.
+    ``dechunk_pairs``: the window pairs the packed de-chunk smoothed over when it ran the pairs form
+    (``RoutingRecord.dechunk_pairs``); None charges the grid blur, which the pairs form only replaces
+    when it is cheaper (``models.dechunking.prefer_pairs``): an upper bound."""
     H, W = as_grid(cfg.input_size)
     L, C, D = H * W, cfg.in_channels, cfg.hidden_size
     d = cfg.encoder_width or D // 4
@@ -249,7 +258,7 @@ def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None) -> 
         "router": _router(cfg.router, D, L),
         "chunk": 0,
         **_inner_blocks(cfg, M, dydit_usage),
-        **_dechunk(getattr(cfg, "execution", "packed"), H, W, D, M),
+        **_dechunk(getattr(cfg, "execution", "packed"), H, W, D, M, dechunk_pairs),
         "residual_proj": _linear(L, D, D),
         "decoder": sum(_res_block(L, i, m, o, D) for i, m, o in dec),
         "final_layer": _linear(1, D, 2 * d) + _linear(L, d, c_out),
@@ -261,13 +270,15 @@ def dcdit_macs(cfg: DCDiTConfig, kept_tokens: int | float, dydit_usage=None) -> 
 def record_macs(cfg: DCDiTConfig, record) -> list[FlopBreakdown]:
     """Per-sample MACs of the forward pass that produced ``record`` (a RoutingRecord): each sample at
     its own kept count and, with DyDiT, the heads / groups / MLP tokens its blocks actually ran."""
+    B = len(record.kept_count)
+    pairs = [None] * B if record.dechunk_pairs is None else record.dechunk_pairs.tolist()
     if getattr(record, "dydit", None) is None:
-        return [dcdit_macs(cfg, int(m)) for m in record.kept_count.tolist()]
+        return [dcdit_macs(cfg, int(m), dechunk_pairs=n) for m, n in zip(record.kept_count.tolist(), pairs)]
     from .models.dydit import dydit_usage
 
     # M_b = the slots the blocks treated as real: the kept count (with mask_padding=False and padding
     # in the batch, every slot: the padding then runs as ordinary tokens)
-    return [dcdit_macs(cfg, int(m), u) for m, u in zip(record.dydit.tokens.tolist(), dydit_usage(record))]
+    return [dcdit_macs(cfg, int(m), u, n) for m, u, n in zip(record.dydit.tokens.tolist(), dydit_usage(record), pairs)]
 
 
 def nominal_kept_tokens(cfg: DCDiTConfig) -> float:
@@ -347,17 +358,19 @@ def sampling_flops(cfg: ModelConfig, result_trace: list[dict], cfg_guidance: boo
                 if len(counts) != images:
                     raise ValueError(f"trace step {k}: {key} has {len(counts)} entries, expected {images}")
                 usage = entry.get("dydit" if key == "kept" else "uncond_dydit")  # DyDiT: per image, per block
+                pairs = entry.get("dechunk_pairs" if key == "kept" else "uncond_dechunk_pairs")  # packed pairs form
                 for i, m in enumerate(counts):
-                    per_image[i][m if usage is None else (m, tuple(map(tuple, usage[i])))] += 1
+                    u = None if usage is None else tuple(map(tuple, usage[i]))
+                    per_image[i][(m, u, None if pairs is None else int(pairs[i]))] += 1
                 if key == "kept":
                     kept_sum += sum(counts)
                 else:
                     uncond_sum += sum(counts)
         cache: dict = {}
 
-        def breakdown(m) -> FlopBreakdown:  # m: kept count, or (kept count, DyDiT usage)
+        def breakdown(m) -> FlopBreakdown:  # m: (kept count, DyDiT usage or None, de-chunk pairs or None)
             if m not in cache:
-                cache[m] = dcdit_macs(cfg, *m) if isinstance(m, tuple) else dcdit_macs(cfg, m)
+                cache[m] = dcdit_macs(cfg, *m)
             return cache[m]
 
         each = [sum(breakdown(m).total * n for m, n in hist.items()) for hist in per_image]

@@ -228,6 +228,8 @@ def _token_counts(record, batch: int, fixed_tokens: int) -> dict:
     counts = {"kept": record.kept_count.detach().cpu().long(), "natural": record.natural_mask.sum(1).detach().cpu().long()}
     if record.dydit is not None:  # DyDiT gates: what each inner block really executed
         counts["dydit"] = dydit_usage(record)
+    if record.dechunk_pairs is not None:  # the packed de-chunk ran the window-pairs form (dcdit.flops)
+        counts["dechunk_pairs"] = record.dechunk_pairs.detach().cpu().long()
     return counts
 
 

@@ -24,6 +24,9 @@ class RoutingRecord:
     grid:         (H, W).
     dydit:        optional DyDiT gate decisions of the inner blocks (``models.dydit.DyDiTRecord``);
                   None unless the model was built with ``dydit=True``.
+    dechunk_pairs: optional (B,) long, the kept-neighbour pairs each sample's de-chunk smoothed over
+                  when packed execution chose the window-pairs form (``dcdit.flops`` charges
+                  pairs·(D + 1) MACs); None when the grid blur or the direct form ran.
     """
 
     p: torch.Tensor
@@ -33,6 +36,7 @@ class RoutingRecord:
     kept_count: torch.Tensor
     grid: tuple[int, int]
     dydit: object | None = None
+    dechunk_pairs: torch.Tensor | None = None
 
     @property
     def slot_mask(self) -> torch.Tensor:
@@ -65,6 +69,8 @@ class RoutingRecord:
         out = RoutingRecord(*fields, torch.cat(idx), torch.cat([r.kept_count for r in records]), records[0].grid)
         if all(r.dydit is not None for r in records):
             out.dydit = type(records[0].dydit).cat([r.dydit for r in records])
+        if all(r.dechunk_pairs is not None for r in records):
+            out.dechunk_pairs = torch.cat([r.dechunk_pairs for r in records])
         return out
 
     def split(self, sections: int) -> list["RoutingRecord"]:
@@ -74,6 +80,9 @@ class RoutingRecord:
         if self.dydit is not None:
             for r, d in zip(out, self.dydit.split(sections)):
                 r.dydit = d
+        if self.dechunk_pairs is not None:
+            for r, n in zip(out, self.dechunk_pairs.chunk(sections)):
+                r.dechunk_pairs = n
         return out
 
 

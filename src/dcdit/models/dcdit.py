@@ -232,6 +232,8 @@ class DCDiT(nn.Module, HubMixin):
         elif self.dydit:
             real = layout if layout is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             record.dydit = DyDiTRecord.from_blocks(dy["stats"], real)
+        if z.dim() == 2:  # packed: the window pairs step 5 smooths over (None: the grid blur), for dcdit.flops
+            record.dechunk_pairs = self.dechunk.pair_counts(record, z.shape[-1])
         return self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
 
     def forward_with_cfg(

@@ -294,15 +294,32 @@ class DeChunk(nn.Module):
         denominator = SymmetricKernelProduct.apply(kernel, p) + self.eps  # ≥ the own weight p_i > 0
         return torch.addcmul(pz, (1 - p) / denominator, numerator)  # p h + (1 − p) h̃
 
-    def smooth_packed(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
-        """Packed smoothing (T, D) -> (T, D) in the cheaper form for this batch (``packed_form``)."""
+    def _pairs_plan(self, record: RoutingRecord, channels: int) -> WindowRanges | None:
+        """The window pairs when the packed smoothing of this batch runs the pairs form, else None (grid)."""
         if self.packed_form == "grid":
-            return self.smooth_on_grid(z, record)
+            return None
         ranges = window_ranges(record.kept_mask, record.grid, self.sigma)
         batch = record.kept_mask.shape[0]
-        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, batch, record.grid, z.shape[1]):
-            return self.smooth_pairs(z, record, ranges)
-        return self.smooth_on_grid(z, record)
+        if self.packed_form == "pairs" or prefer_pairs(ranges.pairs, batch, record.grid, channels):
+            return ranges
+        return None
+
+    def smooth_packed(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
+        """Packed smoothing (T, D) -> (T, D) in the cheaper form for this batch (``packed_form``)."""
+        ranges = self._pairs_plan(record, z.shape[1])
+        return self.smooth_on_grid(z, record) if ranges is None else self.smooth_pairs(z, record, ranges)
+
+    def pair_counts(self, record: RoutingRecord, channels: int) -> torch.Tensor | None:
+        """(B,) long: the window pairs (K's non-zeros) of each sample when the packed smoothing of this
+        batch of ``channels``-wide tokens runs the pairs form; None when it runs the grid blur. What
+        ``dcdit.flops`` charges (pairs·(D + 1) MACs: numerator and denominator)."""
+        ranges = self._pairs_plan(record, channels)
+        if ranges is None:
+            return None
+        per_token = ranges.count.sum(1)  # (T,), packed order: sample after sample
+        B = record.kept_count.shape[0]
+        sample = torch.repeat_interleave(torch.arange(B, device=per_token.device), record.kept_count.to(per_token.device))
+        return per_token.new_zeros(B).index_add_(0, sample, per_token)
 
     def plug_back(self, out: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Packed (T, D) de-chunked tokens -> (B, L, D): every cell takes its nearest kept token."""
