@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from dcdit.utils import atomic_write_text
+
 from .plan import LITE_CFG, TAILS, Recipe, upcycle_points
-from .rules import verdict_a, verdict_b, verdict_c, verdict_d, verdict_e
+from .rules import ci_order, verdict_a, verdict_b, verdict_c, verdict_d, verdict_e
 
 TABLE1 = [("DC-DiT (release-exact)", "dcdit_release"), ("DiT/2 isoparam", "isoparam"), ("DiT/2 isoflop", "isoflop")]
 ABLATIONS = [("DC-DiT, random router", "random_s0"), ("DC-DiT, multi-budget", "multibudget_s0@tail0.0"),
@@ -190,6 +192,13 @@ def upcycling_table(results: dict, recipe: Recipe) -> list[str]:
         cells = [_score_cells(results.get(f"{n}@step{step}")) for n in ("dcdit_release_s0", "upcycle_s0", "upcycle_distill_s0")]
         lines.append(f"| {step} | {' | '.join(cells)} |")
     lines.append(f"| {recipe.steps} (scratch, end) | {_score_cells(results.get('dcdit_release_s0'))} | | | | |")
+    final = results.get("dcdit_release_s0")
+    for name in ("upcycle_s0", "upcycle_distill_s0") if final else ():
+        done = [s for s in upcycle_points(recipe) if f"{name}@step{s}" in results]
+        reached = [s for s in done if ci_order(results[f"{name}@step{s}"], final) != "above"]
+        if done:  # §4.4's question: is the from-scratch quality reached in fewer steps?
+            lines += ["", f"`{name}` reaches the from-scratch {recipe.steps}-step MNIST-FID interval (overlapping or below) "
+                          + (f"at step {reached[0]}" if reached else f"at none of steps {done}") + "."]
     return lines
 
 
@@ -252,8 +261,8 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
            "## Routers", *router_tables(routers), "", "## Sample grids (columns = classes 0–9)", ""]
     md += [f"`{n}`: ![]({Path('eval') / n / 'grid.png'})  " for n in results if (out / "eval" / n / "grid.png").exists()]
     path = out / "results.md"
-    path.write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps({
+    atomic_write_text(path, "\n".join(md) + "\n")  # readable while the study runs, never half-written
+    atomic_write_text(out / "results.json", json.dumps({
         "command": command, "machine": machine(), "recipe": asdict(recipe), "seeds": seeds, "selection": selection,
         "evaluations": results, "paired_mse": mse, "verdicts": [asdict(v) for v in verdict_list],
         "routers": {n: ra["retention"] for n, ra in routers.items()}}, indent=2))

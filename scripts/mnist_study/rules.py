@@ -94,41 +94,38 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
+def _router_verdict(claim: str, values: dict[str, float], good: float, bad: float, detail: str, what: str) -> Verdict:
+    """Holds when every analysed DC-DiT's value is ≥ ``good``, does not hold when every one is ≤ ``bad``."""
+    if not values:
+        return Verdict(claim, "undecided", "no DC-DiT router analysed at the timesteps the rule needs yet")
+    if all(v >= good for v in values.values()):
+        return Verdict(claim, "holds", f"{what} >= {good:g} for every analysed DC-DiT ({detail})")
+    if all(v <= bad for v in values.values()):
+        return Verdict(claim, "does not hold", f"{what} <= {bad:g} for every analysed DC-DiT ({detail})")
+    return Verdict(claim, "undecided", f"{what} between {bad:g} and {good:g}, or mixed ({detail})")
+
+
 def verdict_b(retention: dict[str, list[dict]]) -> Verdict:
     """(b) The router separates object from background. For every analysed DC-DiT (``dcdit
     analyze-router`` rows): at t ≤ 250 the kept share of foreground minus that of background tokens.
     Holds when ≥ :data:`SEGMENTATION_MARGIN` for all; does not hold when ≤ 0 for all; else undecided."""
-    gaps = {}
-    for name, rows in retention.items():
-        low, _ = _low_high(rows)
-        if low:
-            gaps[name] = _mean(low, "mean_fg_retention") - _mean(low, "mean_bg_retention")
-    if not gaps:
-        return Verdict("b", "undecided", "no DC-DiT router analysed at t <= 250 yet")
-    detail = ", ".join(f"{n}: {g:+.3f}" for n, g in gaps.items())
-    if all(g >= SEGMENTATION_MARGIN for g in gaps.values()):
-        return Verdict("b", "holds", f"foreground kept more than background at t <= 250 by >= {SEGMENTATION_MARGIN} ({detail})")
-    if all(g <= 0 for g in gaps.values()):
-        return Verdict("b", "does not hold", f"foreground kept no more than background at t <= 250 ({detail})")
-    return Verdict("b", "undecided", f"fg − bg retention at t <= 250 below the margin {SEGMENTATION_MARGIN} or mixed ({detail})")
+    gaps = {name: _mean(low, "mean_fg_retention") - _mean(low, "mean_bg_retention")
+            for name, rows in retention.items() if (low := _low_high(rows)[0])}
+    return _router_verdict("b", gaps, SEGMENTATION_MARGIN, 0.0, ", ".join(f"{n}: {g:+.3f}" for n, g in gaps.items()),
+                           "fg − bg share of tokens kept at t <= 250")
+
+
+def _compression_ratio(rows: list[dict]) -> float | None:
+    low, high = _low_high(rows)
+    return _mean(high, "mean_compression_ratio") / _mean(low, "mean_compression_ratio") if low and high else None
 
 
 def verdict_c(retention: dict[str, list[dict]]) -> Verdict:
     """(c) Fewer tokens at noisy timesteps: mean compression at t ≥ 750 over that at t ≤ 250. Holds when
     ≥ :data:`COMPRESSION_FACTOR` for every analysed DC-DiT, does not hold when ≤ 1 for all, else undecided."""
-    ratios = {}
-    for name, rows in retention.items():
-        low, high = _low_high(rows)
-        if low and high:
-            ratios[name] = _mean(high, "mean_compression_ratio") / _mean(low, "mean_compression_ratio")
-    if not ratios:
-        return Verdict("c", "undecided", "no DC-DiT router analysed at t <= 250 and t >= 750 yet")
-    detail = ", ".join(f"{n}: ×{r:.2f}" for n, r in ratios.items())
-    if all(r >= COMPRESSION_FACTOR for r in ratios.values()):
-        return Verdict("c", "holds", f"compression at t >= 750 over t <= 250 ({detail})")
-    if all(r <= 1 for r in ratios.values()):
-        return Verdict("c", "does not hold", f"no more compression at t >= 750 than at t <= 250 ({detail})")
-    return Verdict("c", "undecided", f"compression at t >= 750 over t <= 250 below ×{COMPRESSION_FACTOR} or mixed ({detail})")
+    ratios = {name: r for name, rows in retention.items() if (r := _compression_ratio(rows)) is not None}
+    return _router_verdict("c", ratios, COMPRESSION_FACTOR, 1.0, ", ".join(f"{n}: ×{r:.2f}" for n, r in ratios.items()),
+                           "compression at t >= 750 ÷ at t <= 250")
 
 
 def verdict_d(learned: dict | None, random: dict | None) -> Verdict:
