@@ -9,7 +9,8 @@ Conventions follow pytorch-fid / OpenAI's ADM ``evaluator.py`` (docs/evaluation.
 * improved precision/recall: the k-NN manifold estimate of Kynkäänniemi et al. 2019, k = 3 (ADM's
   ``ManifoldEstimator``);
 * class accuracy of a classifier's predictions against the labels the samples were conditioned on
-  (the MNIST metrics; their IS-style score is :func:`inception_score` in one split).
+  (the MNIST metrics; their IS-style score is :func:`inception_score` in one split);
+* :func:`bootstrap_interval`: the percentile bootstrap interval of any of these over the samples.
 
 ``tests/evaluation/test_metrics.py`` checks each against brute force, closed forms and torchmetrics.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "inception_score",
     "precision_recall",
     "class_accuracy",
+    "bootstrap_interval",
 ]
 
 
@@ -182,3 +184,29 @@ def class_accuracy(predicted, labels, num_classes: int) -> tuple[float, list[flo
         raise ValueError(f"predictions and labels must both have shape (N,), got {pred.shape} and {y.shape}")
     per_class = [float((pred[y == c] == c).mean()) if (y == c).any() else None for c in range(num_classes)]
     return float((pred == y).mean()), per_class
+
+
+def bootstrap_interval(statistic, *arrays, num_resamples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(*arrays)`` (Efron & Tibshirani 1993, §13.3).
+
+    Draws ``num_resamples`` sets of N row indices with replacement (numpy ``default_rng(seed)``),
+    evaluates ``statistic`` on the rows of every array at those indices (the arrays are resampled
+    jointly: e.g. predictions with their labels) and returns the (1 − confidence)/2 and
+    (1 + confidence)/2 quantiles of the results (``np.percentile``, linear interpolation). Only the
+    generated samples are resampled; a reference the statistic compares with (FID's real statistics)
+    stays fixed. For FID the duplicated rows of a resample shrink its covariance, so the interval is
+    that of the finite-sample estimator, not a correction of its bias."""
+    if not arrays:
+        raise ValueError("bootstrap_interval needs at least one array to resample")
+    arrs = [np.asarray(a) for a in arrays]
+    n = len(arrs[0])
+    if n == 0 or any(len(a) != n for a in arrs):
+        raise ValueError(f"arrays must be non-empty and of equal length, got {[len(a) for a in arrs]}")
+    if not 0 < confidence < 1 or num_resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and num_resamples >= 1, got {confidence}, {num_resamples}")
+    rng = np.random.default_rng(seed)
+    values = np.array([float(statistic(*(a[idx] for a in arrs))) for idx in rng.integers(0, n, size=(num_resamples, n))])
+    alpha = (1 - confidence) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi)

@@ -1,0 +1,269 @@
+"""``<out>/results.md`` and ``results.json``: the Table-1-shaped table (mean ± std over seeds), the
+per-model detail with bootstrap intervals, compute and time next to the FLOP ratio, the paired
+training ε-MSE, the verdicts on claims (a)–(e) (:mod:`.rules`), elastic inference (with its plot),
+upcycling and DyDiT, the router tables, sample grids, the command and the machine. Written from
+whatever is finished, so it can be read at any point of the study."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dcdit.utils import atomic_write_text
+
+from .plan import LITE_CFG, TAILS, Recipe, upcycle_points
+from .rules import ci_order, verdict_a, verdict_b, verdict_c, verdict_d, verdict_e
+
+TABLE1 = [("DC-DiT (release-exact)", "dcdit_release"), ("DiT/2 isoparam", "isoparam"), ("DiT/2 isoflop", "isoflop")]
+ABLATIONS = [("DC-DiT, random router", "random_s0"), ("DC-DiT, multi-budget", "multibudget_s0@tail0.0"),
+             ("DC-DiT, cosine router (paper text)", "dcdit_cosine_s0")]
+
+
+def load_results(out: Path, order: list[str] = ()) -> dict[str, dict]:
+    """Every finished evaluation, in the plan's ``order`` (others after it, by name)."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*/result.json"))}
+    rank = {n: i for i, n in enumerate(order)}
+    return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def run_of(eval_name: str) -> str:
+    return eval_name.split("@")[0]
+
+
+def train_summary(out: Path, run: str) -> dict | None:
+    p = out / run / "train_summary.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def window_mse(out: Path, run: str, end: int, window: int) -> float | None:
+    """Mean logged ε-MSE of ``run`` over steps (end − window, end]: the same steps, hence the same
+    batches, timesteps and noise, for every run of a seed."""
+    log = out / run / "log.csv"
+    if not log.exists():
+        return None
+    with open(log) as f:
+        vals = [float(r["mse"]) for r in csv.DictReader(f) if end - window < int(r["step"]) <= end and r.get("mse")]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ci(r: dict, key: str, ci: str, digits: int) -> str:
+    lo, hi = r[ci]
+    return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table1(results: dict, mse: dict, seeds: list[int]) -> list[str]:
+    """Mean ± std over the seeds evaluated (sample std, n − 1); the ablations are one seed."""
+    lines = ["| model | seeds | params (M) | GFLOPs / img | MNIST-FID ↓ | class accuracy ↑ | IS-style ↑ | paired ε-MSE ↓ |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [(label, [f"{key}_s{s}" for s in seeds]) for label, key in TABLE1] + [(label, [name]) for label, name in ABLATIONS]
+    for label, names in rows:
+        rs = [(n, results[n]) for n in names if n in results]
+        if not rs:
+            continue
+        col = {k: [r[k] for _, r in rs] for k in ("gflops_per_image", "mnist_fid", "class_accuracy", "mnist_is")}
+        m = [mse[run_of(n)] for n, _ in rs if mse.get(run_of(n)) is not None]
+        lines.append(f"| {label} | {len(rs)} | {rs[0][1]['params'] / 1e6:.2f} | {_mean_std(col['gflops_per_image'], 2)} | "
+                     f"{_mean_std(col['mnist_fid'], 1)} | {_mean_std(col['class_accuracy'], 3)} | {_mean_std(col['mnist_is'], 2)} | "
+                     f"{_mean_std(m, 4)} |")
+    return lines
+
+
+def detail_table(results: dict, out: Path) -> list[str]:
+    """Every evaluation with its intervals, compute, and times next to the ratios to the isoflop DiT of its seed."""
+    lines = [("| evaluation | step | MNIST-FID [95% CI] | class acc [95% CI] | IS [95% CI] | tokens kept / L | GFLOPs / img | "
+              "FLOPs ÷ isoflop | train s / step | ÷ isoflop | sampling s / step | ÷ isoflop |"), "|" + "---|" * 12]
+    for name, r in results.items():
+        seed = run_of(name).rsplit("_s", 1)[-1]
+        iso = results.get(f"isoflop_s{seed}")
+        ts, iso_ts = train_summary(out, run_of(name)), train_summary(out, f"isoflop_s{seed}")
+        train_step = ts["wall_time_s"] / ts["step"] if ts and "@" not in name else None
+        iso_step = iso_ts["wall_time_s"] / iso_ts["step"] if iso_ts else None
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a is not None and b else ""
+
+        kept = f"{r['mean_kept']:.1f} / {r['tokens']}" if r["mean_kept"] is not None else "fixed patches"
+        lines.append(f"| {name} | {r['step']} | {_ci(r, 'mnist_fid', 'fid_ci', 1)} | {_ci(r, 'class_accuracy', 'acc_ci', 3)} | "
+                     f"{_ci(r, 'mnist_is', 'is_ci', 2)} | {kept} | {r['gflops_per_image']:.2f} | "
+                     f"{ratio(r['gflops_per_image'], iso and iso['gflops_per_image'])} | "
+                     f"{'' if train_step is None else f'{train_step:.3f}'} | {ratio(train_step, iso_step)} | "
+                     f"{r['sampling_s_per_step']:.3f} | {ratio(r['sampling_s_per_step'], iso and iso['sampling_s_per_step'])} |")
+    return lines
+
+
+def paired_mse(out: Path, runs: list[str], recipe: Recipe) -> tuple[dict, list[str]]:
+    """{run: ε-MSE over the last ``mse_window`` steps} and its table against the DC-DiT of the same seed."""
+    mse, lines = {}, [(f"| run | steps | ε-MSE, steps {recipe.steps - recipe.mse_window + 1}–{recipe.steps} | paired DC-DiT | "
+                       "its ε-MSE, same steps | difference |"), "|---|---|---|---|---|---|"]
+    for run in runs:
+        ts = train_summary(out, run)
+        if ts is None or ts["step"] < recipe.steps:
+            continue
+        mse[run] = window_mse(out, run, recipe.steps, recipe.mse_window)
+        ref = f"dcdit_release_s{run.rsplit('_s', 1)[-1]}"
+        ref_mse = window_mse(out, ref, recipe.steps, recipe.mse_window)
+        if mse[run] is None:
+            continue
+        diff = f"{100 * (mse[run] / ref_mse - 1):+.1f}%" if ref_mse else ""
+        lines.append(f"| {run} | {ts['step']} | {mse[run]:.4f} | {ref} | {'' if ref_mse is None else f'{ref_mse:.4f}'} | {diff} |")
+    return mse, lines
+
+
+def verdicts(results: dict, routers: dict, seeds: list[int]) -> list:
+    per_seed = {s: {k: results[f"{k}_s{s}"] for k in ("dcdit_release", "isoparam", "isoflop") if f"{k}_s{s}" in results}
+                for s in seeds}
+    dc_routers = {n: ra["retention"] for n, ra in routers.items() if n.startswith("dcdit_release")}
+    elastic_model = "multibudget_s0" if "multibudget_s0@tail0.0" in results else "dcdit_release_s0"
+    curve = {f: results[tail_name(elastic_model, f)] for f in TAILS if tail_name(elastic_model, f) in results}
+    return [verdict_a(per_seed), verdict_b(dc_routers), verdict_c(dc_routers),
+            verdict_d(results.get("dcdit_release_s0"), results.get("random_s0")), verdict_e(curve, elastic_model)]
+
+
+def tail_name(model: str, f: float) -> str:
+    """The evaluation of ``model`` at tail-drop fraction f (dcdit_release_s0 at f = 0 is its main evaluation)."""
+    return model if (model == "dcdit_release_s0" and f == 0) else f"{model}@tail{f}"
+
+
+def elastic_rows(results: dict) -> dict[str, list[tuple[str, dict]]]:
+    """model -> [(setting, score)] of tail-drop fractions and Lite-CFG."""
+    rows = {}
+    for model in ("dcdit_release_s0", "multibudget_s0"):
+        pts = [(f"tail {f:g}", results[tail_name(model, f)]) for f in TAILS if tail_name(model, f) in results]
+        if f"{model}@litecfg" in results:
+            pts.append((f"Lite-CFG {LITE_CFG[0]:g}/{LITE_CFG[1]:g}", results[f"{model}@litecfg"]))
+        if pts:
+            rows[model] = pts
+    return rows
+
+
+def elastic_plot(rows: dict, path: Path) -> str | None:
+    """MNIST-FID and class accuracy against measured GFLOPs per image, one line per model."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (model, pts), marker in zip(rows.items(), "os"):
+        x = [r["gflops_per_image"] for _, r in pts]
+        for ax, key, ci in ((axes[0], "mnist_fid", "fid_ci"), (axes[1], "class_accuracy", "acc_ci")):
+            y = [r[key] for _, r in pts]
+            err = [[r[key] - r[ci][0] for _, r in pts], [r[ci][1] - r[key] for _, r in pts]]
+            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=model, linestyle="none")
+            for (setting, _), xi, yi in zip(pts, x, y):
+                ax.annotate(setting, (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    axes[0].set(xlabel="measured GFLOPs / image", ylabel="MNIST-FID (95% CI)", title="quality vs compute")
+    axes[1].set(xlabel="measured GFLOPs / image", ylabel="class accuracy (95% CI)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _score_cells(r: dict | None) -> str:
+    if r is None:
+        return "– | –"
+    return f"{_ci(r, 'mnist_fid', 'fid_ci', 1)} | {_ci(r, 'class_accuracy', 'acc_ci', 3)}"
+
+
+def upcycling_table(results: dict, recipe: Recipe) -> list[str]:
+    lines = ["| step | from scratch: MNIST-FID | accuracy | upcycled: MNIST-FID | accuracy | upcycled + distillation: MNIST-FID | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for step in upcycle_points(recipe):
+        cells = [_score_cells(results.get(f"{n}@step{step}")) for n in ("dcdit_release_s0", "upcycle_s0", "upcycle_distill_s0")]
+        lines.append(f"| {step} | {' | '.join(cells)} |")
+    lines.append(f"| {recipe.steps} (scratch, end) | {_score_cells(results.get('dcdit_release_s0'))} | | | | |")
+    final = results.get("dcdit_release_s0")
+    for name in ("upcycle_s0", "upcycle_distill_s0") if final else ():
+        done = [s for s in upcycle_points(recipe) if f"{name}@step{s}" in results]
+        reached = [s for s in done if ci_order(results[f"{name}@step{s}"], final) != "above"]
+        if done:  # §4.4's question: is the from-scratch quality reached in fewer steps?
+            lines += ["", f"`{name}` reaches the from-scratch {recipe.steps}-step MNIST-FID interval (overlapping or below) "
+                          + (f"at step {reached[0]}" if reached else f"at none of steps {done}") + "."]
+    return lines
+
+
+def dydit_table(results: dict, out: Path) -> list[str]:
+    lines = ["| model | GFLOPs / img | sampling s / step | fine-tune s / step | MNIST-FID [95% CI] | class acc [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for name in ("demo", "demo_finetune", "dydit_demo"):
+        if name in results:
+            r, ts = results[name], train_summary(out, name)
+            lines.append(f"| {name} | {r['gflops_per_image']:.2f} | {r['sampling_s_per_step']:.3f} | "
+                         f"{'' if ts is None else format(ts['wall_time_s'] / ts['step'], '.3f')} | {_score_cells(r)} |")
+    return lines
+
+
+def router_tables(routers: dict) -> list[str]:
+    lines = []
+    for name, ra in routers.items():
+        lines += ["", f"Router `{name}`: foreground / background tokens kept on held-out digits noised to t", "",
+                  "| t | fg kept | bg kept | fg share of kept (image fg share) | compression |", "|---|---|---|---|---|"]
+        lines += [f"| {r['t']} | {r['mean_fg_retention']:.3f} | {r['mean_bg_retention']:.3f} | {r['mean_fg_share_of_kept']:.3f} "
+                  f"({r['mean_fg_fraction']:.3f}) | {r['mean_compression_ratio']:.2f} |" for r in ra["retention"]]
+    return lines
+
+
+def machine() -> str:
+    return (f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) in the study process")
+
+
+def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, selection: dict | None, routers: dict,
+                 train_runs: list[str], eval_order: list[str] = (), plot: bool = True) -> Path:
+    """results.md and results.json; ``plot=False`` keeps the elastic plot as it is (drawing it takes a second)."""
+    results = load_results(out, eval_order)
+    mse, mse_lines = paired_mse(out, train_runs, recipe)
+    verdict_list = verdicts(results, routers, seeds)
+    rows = elastic_rows(results)
+    plot = elastic_plot(rows, out / "elastic.png") if plot else ("elastic.png" if (out / "elastic.png").exists() else None)
+    sel = (f"DDPM {recipe.sampling_steps} steps, guidance scale **{selection['cfg_scale']:g}**, chosen on "
+           f"{selection['samples']} samples of the shipped demo checkpoint (seed {selection['seed']}, none of the compared "
+           f"runs and none of their samples): {selection['rule']}." if selection else "guidance scale not selected yet.")
+    md = ["# Table 1 at MNIST scale (issue 20)", "",
+          f"Command: `{command}`  ", f"Machine: {machine()}  ",
+          f"Recipe: configs/mnist.yaml / mnist-release.yaml, {recipe.steps} steps, same seed → same batches, timesteps and noise.  ",
+          (f"Evaluation: {10 * recipe.samples_per_class} samples per model ({recipe.samples_per_class} per class), {sel} "
+           f"EMA weights; MNIST-FID against the 500 held-out digits, class accuracy and IS-style score from the packaged "
+           f"classifier, 95% percentile-bootstrap intervals over the samples ({recipe.bootstrap} resamples; a resample's "
+           f"repeated digits raise MNIST-FID, so its interval can sit above the point value: compare intervals with "
+           f"intervals)."), "",
+          "## Table 1 (mean ± std over seeds)", "", *table1(results, mse, seeds), "",
+          "## Verdicts", "", *[f"- **({v.claim}) {v.outcome}**: {v.reason}" for v in verdict_list], "",
+          "## Every evaluation", "", *detail_table(results, out), "",
+          "## Paired training ε-MSE", "", *mse_lines, "",
+          "## Elastic inference", ""]
+    for model, pts in rows.items():
+        md += [f"`{model}`: " + "; ".join(f"{s}: {r['gflops_per_image']:.2f} GFLOPs, MNIST-FID {r['mnist_fid']:.1f}, "
+                                          f"accuracy {r['class_accuracy']:.3f}" for s, r in pts), ""]
+    if plot:
+        md += [f"![quality against measured FLOPs]({plot})", ""]
+    md += ["## Upcycling (§4.4)", "", *upcycling_table(results, recipe), "", "## DyDiT (§4.5)", "", *dydit_table(results, out), "",
+           "## Routers", *router_tables(routers), "", "## Sample grids (columns = classes 0–9)", ""]
+    md += [f"`{n}`: ![]({Path('eval') / n / 'grid.png'})  " for n in results if (out / "eval" / n / "grid.png").exists()]
+    path = out / "results.md"
+    atomic_write_text(path, "\n".join(md) + "\n")  # readable while the study runs, never half-written
+    atomic_write_text(out / "results.json", json.dumps({
+        "command": command, "machine": machine(), "recipe": asdict(recipe), "seeds": seeds, "selection": selection,
+        "evaluations": results, "paired_mse": mse, "verdicts": [asdict(v) for v in verdict_list],
+        "routers": {n: ra["retention"] for n, ra in routers.items()}}, indent=2))
+    return path

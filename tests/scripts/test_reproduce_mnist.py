@@ -1,0 +1,202 @@
+"""scripts/reproduce_mnist.py and scripts/mnist_study/: the Table-1 study's wiring (smoke mode end to
+end, skipping what is done, resuming an interrupted run), its run plan, and its decision rules on
+hand-made numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import reproduce_mnist
+from mnist_study import rules
+from mnist_study.plan import SMOKE, Evaluation, Recipe, Run, tasks, upcycle_points
+from mnist_study.report import table1
+from mnist_study.training import StudyError, dcdit, train_run
+
+from dcdit.checkpoint import read_weights
+
+
+def _log_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_smoke_study_runs_end_to_end_and_a_second_invocation_skips_everything(tmp_path, capsys):
+    """Every phase wired on a tiny model: the report with its table, verdicts, plot and grids. Checks
+    that the runs of a seed share seed and batch (the paired comparison's premise), that the
+    multi-budget run is the DC-DiT up to its branch step and tail-drops after it, and that a second
+    invocation trains and samples nothing."""
+    out = tmp_path / "study"
+    assert reproduce_mnist.main(["--out", str(out), "--smoke", "--seeds", "0", "--threads", "1"]) == 0
+    first = capsys.readouterr().out
+    md = (out / "results.md").read_text()
+    for heading in ("## Table 1", "## Verdicts", "## Every evaluation", "## Paired training ε-MSE", "## Elastic inference",
+                    "## Upcycling", "## DyDiT", "## Routers", "## Sample grids"):
+        assert heading in md
+    for claim in "abcde":
+        assert f"- **({claim}) " in md
+    assert (out / "elastic.png").stat().st_size > 0 and (out / "eval" / "isoflop_s0" / "grid.png").exists()
+    report = json.loads((out / "results.json").read_text())
+    assert report["selection"]["cfg_scale"] in SMOKE.scales
+    res = report["evaluations"]["dcdit_release_s0"]
+    assert res["num_samples"] == 10 and res["cfg_scale"] == report["selection"]["cfg_scale"] and res["sampler"] == "ddpm"
+    assert res["fid_ci"][0] <= res["fid_ci"][1] and res["acc_ci"][0] <= res["class_accuracy"] <= res["acc_ci"][1]
+    assert report["evaluations"]["isoflop_s0"]["mean_kept"] is None and res["mean_kept"] > 0
+    # the main three of seed 0: same seed and batch, the baselines at the DC-DiT's width
+    cfgs = {n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in ("dcdit_release_s0", "isoparam_s0", "isoflop_s0")}
+    assert {c["train"]["seed"] for c in cfgs.values()} == {0}
+    assert {c["train"]["global_batch_size"] for c in cfgs.values()} == {8}
+    assert {c["model"]["hidden_size"] for c in cfgs.values()} == {32}
+    assert cfgs["isoflop_s0"]["model"]["depth"] > cfgs["isoparam_s0"]["model"]["depth"]
+    # multi-budget: the DC-DiT's rows up to its branch step, tail-dropping only after it
+    start = SMOKE.multibudget_start
+    mb, dc = _log_rows(out / "multibudget_s0" / "log.csv"), _log_rows(out / "dcdit_release_s0" / "log.csv")
+    assert [r for r in mb if int(r["step"]) <= start] == [r for r in dc if int(r["step"]) <= start]
+    assert any(float(r["tail_fraction"]) > 0 for r in mb if int(r["step"]) > start)
+    assert all(float(r["tail_fraction"]) == 0 for r in dc)
+    assert "[train] dcdit_cosine_s0" in first
+
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("**/*") if p.name in ("result.json", "train_summary.json")}
+    assert reproduce_mnist.main(["--out", str(out), "--smoke", "--seeds", "0", "--threads", "1"]) == 0
+    second = capsys.readouterr().out
+    assert "to step" not in second and "chunk" not in second and "[router]" not in second
+    assert marks == {p: p.stat().st_mtime_ns for p in marks}
+
+
+def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, capsys):
+    """A run killed after a checkpoint (checkpoints, no train_summary.json) is continued with
+    `dcdit train --resume`, not restarted: its early checkpoint stays untouched and the final EMA
+    weights equal those of an uninterrupted run bit for bit."""
+    r = SMOKE
+    run = Run("dcdit_release_s0", "mnist-release", ("train.ckpt_every=2", "train.keep_last=100", "train.log_every=1",
+                                                   *r.train_overrides, "train.seed=0"), 6, "main")
+    train_run(tmp_path / "whole", run, r, 1)
+    part = tmp_path / "part"
+    train_run(part, Run(run.name, run.config, run.overrides, 4, "main"), r, 1)
+    (part / run.name / "train_summary.json").unlink()  # as a SIGTERM'd run leaves it
+    early = part / run.name / "checkpoints" / "0000002" / "model.safetensors"
+    stamp = early.stat().st_mtime_ns
+    capsys.readouterr()
+    assert train_run(part, run, r, 1)
+    assert "(resumed)" in capsys.readouterr().out
+    assert early.stat().st_mtime_ns == stamp
+    a = read_weights(tmp_path / "whole" / run.name / "checkpoints" / "0000006" / "ema.safetensors")[0]
+    b = read_weights(part / run.name / "checkpoints" / "0000006" / "ema.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [int(x["step"]) for x in _log_rows(part / run.name / "log.csv")] == list(range(1, 7))
+
+
+def test_a_failing_dcdit_command_ends_in_one_line_naming_its_log(tmp_path):
+    """The subprocess launcher (what the real study uses): a failure raises StudyError naming the log."""
+    log = tmp_path / "logs" / "x.log"
+    with pytest.raises(StudyError, match=r"exit code 2: see the end of .*x\.log"):
+        dcdit(["train", "no-such-config"], log, Recipe(), 1)
+    assert "no-such-config" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------- the plan
+
+
+def test_the_plan_trains_seed_0_of_the_main_three_first_and_the_cosine_router_last(tmp_path):
+    plan = tasks(tmp_path, Recipe(), [0, 1, 2], Path("demo.safetensors"), "cosine")
+    runs = [t.name for t in plan if isinstance(t, Run)]
+    assert plan[0] == ("scale", None)
+    assert runs[:3] == ["dcdit_release_s0", "isoparam_s0", "isoflop_s0"] and runs[-1] == "dcdit_cosine_s0"
+    assert runs.index("isoflop_s2") < runs.index("random_s0")
+    evals = [t.name for t in plan if isinstance(t, Evaluation)]
+    assert evals.index("dcdit_release_s0@tail0.25") < evals.index("isoparam_s1")  # elastic evidence before the other seeds
+    r = Recipe()
+    assert (r.steps, r.ckpt_every, r.multibudget_start, r.upcycle_steps, upcycle_points(r)) == (3000, 250, 375, 750, [250, 500, 750])
+    mb = next(t for t in plan if isinstance(t, Run) and t.name == "multibudget_s0")
+    assert "train.multi_budget.fractions=[0.0,0.1,0.2,0.3,0.4,0.5,0.6]" in mb.overrides and mb.branch == ("dcdit_release_s0", 375)
+    assert all(not any("noise_schedule=linear" in o for o in t.overrides) for t in plan if isinstance(t, Run))
+
+
+# ------------------------------------------------------------------------------------- the rules
+
+
+def score(fid, lo, hi, acc=0.9):
+    return {"mnist_fid": fid, "fid_ci": (lo, hi), "class_accuracy": acc, "acc_ci": (acc - 0.02, acc + 0.02), "mnist_is": 8.0}
+
+
+def test_guidance_scale_rule_prefers_accuracy_then_fid():
+    rows = {1.5: {"class_accuracy": 0.80, "mnist_fid": 10.0}, 2.0: {"class_accuracy": 0.91, "mnist_fid": 30.0},
+            3.0: {"class_accuracy": 0.93, "mnist_fid": 25.0}, 4.0: {"class_accuracy": 0.95, "mnist_fid": 40.0}}
+    assert rules.choose_guidance_scale(rows)[0] == 3.0  # 0.93 is within 0.03 of 0.95 and has the lower FID
+    rows[3.0]["class_accuracy"] = 0.90
+    assert rules.choose_guidance_scale(rows)[0] == 4.0
+
+
+def test_verdict_a():
+    good, bad, mid = score(10, 8, 12), score(30, 27, 33), score(11, 9, 14)
+    assert rules.verdict_a({0: {"dcdit_release": good, "isoparam": bad, "isoflop": bad},
+                            1: {"dcdit_release": good, "isoparam": bad, "isoflop": bad}}).outcome == "holds"
+    assert rules.verdict_a({0: {"dcdit_release": bad, "isoparam": good, "isoflop": mid},
+                            1: {"dcdit_release": bad, "isoparam": good, "isoflop": bad}}).outcome == "does not hold"
+    v = rules.verdict_a({0: {"dcdit_release": good, "isoparam": bad, "isoflop": mid}})
+    assert v.outcome == "undecided" and "overlap" in v.reason
+    # seeds disagree: better on one, worse on the other
+    assert rules.verdict_a({0: {"dcdit_release": good, "isoparam": bad, "isoflop": bad},
+                            1: {"dcdit_release": bad, "isoparam": good, "isoflop": good}}).outcome == "undecided"
+    v = rules.verdict_a({0: {"dcdit_release": score(10, 8, 12, acc=0.1), "isoparam": bad, "isoflop": bad}})
+    assert v.outcome == "undecided" and "does not draw digits" in v.reason
+    assert rules.verdict_a({0: {"dcdit_release": good}}).outcome == "undecided"
+
+
+def _retention(fg_low, bg_low, comp_high, comp_low):
+    return [{"t": 999, "mean_fg_retention": 0.3, "mean_bg_retention": 0.2, "mean_compression_ratio": comp_high},
+            {"t": 250, "mean_fg_retention": fg_low, "mean_bg_retention": bg_low, "mean_compression_ratio": comp_low},
+            {"t": 100, "mean_fg_retention": fg_low, "mean_bg_retention": bg_low, "mean_compression_ratio": comp_low}]
+
+
+def test_verdicts_b_and_c_on_router_tables():
+    seg = _retention(0.99, 0.17, 5.0, 4.0)  # the demo checkpoint's numbers (docs/results.md)
+    flat = _retention(0.36, 0.42, 4.0, 4.3)
+    assert rules.verdict_b({"s0": seg, "s1": seg}).outcome == "holds"
+    assert rules.verdict_b({"s0": flat}).outcome == "does not hold"
+    assert rules.verdict_b({"s0": seg, "s1": flat}).outcome == "undecided"
+    assert rules.verdict_b({"s0": _retention(0.22, 0.19, 5, 4)}).outcome == "undecided"  # below the margin
+    assert rules.verdict_c({"s0": seg}).outcome == "holds"
+    assert rules.verdict_c({"s0": flat}).outcome == "does not hold"
+    assert rules.verdict_c({"s0": _retention(1, 0, 4.1, 4.0)}).outcome == "undecided"  # ×1.025 < ×1.05
+    assert rules.verdict_b({}).outcome == rules.verdict_c({}).outcome == "undecided"
+
+
+def test_verdict_d():
+    assert rules.verdict_d(score(10, 8, 12), score(30, 27, 33)).outcome == "holds"
+    assert rules.verdict_d(score(30, 27, 33), score(10, 8, 12)).outcome == "does not hold"
+    assert rules.verdict_d(score(10, 8, 12), score(11, 9, 14)).outcome == "undecided"
+    assert rules.verdict_d(score(10, 8, 12), None).outcome == "undecided"
+
+
+def test_verdict_e():
+    smooth = {0.0: score(10, 8, 12, 0.93), 0.25: score(12, 10, 14, 0.91), 0.5: score(16, 13, 19, 0.86), 0.75: score(60, 50, 70, 0.4)}
+    assert rules.verdict_e(smooth, "m").outcome == "holds"  # f = 0.75 may break: the rule looks up to 0.5
+    cliff = {**smooth, 0.25: score(80, 70, 90, 0.5)}
+    assert rules.verdict_e(cliff, "m").outcome == "does not hold"
+    between = {**smooth, 0.5: score(25, 20, 30, 0.75)}  # FID ×2.5, accuracy −0.18
+    assert rules.verdict_e(between, "m").outcome == "undecided"
+    assert rules.verdict_e({0.0: score(400, 380, 420, 0.1), 0.25: score(380, 360, 400, 0.1)}, "m").outcome == "undecided"
+
+
+def test_table1_reports_mean_and_sample_std_over_seeds():
+    """Catches a population std (ddof 0) or a mean over the wrong rows."""
+    def res(fid, acc):
+        return {"params": 820_000, "gflops_per_image": 11.0, "mnist_fid": fid, "class_accuracy": acc, "mnist_is": 8.0}
+    results = {"dcdit_release_s0": res(10.0, 0.90), "dcdit_release_s1": res(14.0, 0.94), "isoparam_s0": res(30.0, 0.5)}
+    lines = table1(results, {"dcdit_release_s0": 0.030, "dcdit_release_s1": 0.032}, [0, 1])
+    dc = next(l for l in lines if l.startswith("| DC-DiT (release-exact)"))
+    assert "| 2 |" in dc and "12.0 ± 2.8" in dc and "0.920 ± 0.028" in dc and "0.0310 ± 0.0014" in dc
+    assert "| 30.0 |" in next(l for l in lines if l.startswith("| DiT/2 isoparam"))
