@@ -98,6 +98,9 @@ class DCDiT(nn.Module, HubMixin):
         execution: str = "packed",
         inner_mlp: list[bool] | None = None,
     ):
+        """The modules of paper §3 in the order the forward pass uses them. The arguments are the
+        fields of ``DCDiTConfig`` (documented there and in the README's config tables); half of this
+        function's length is their list."""
         super().__init__()
         D = hidden_size
         d = encoder_width or D // 4
