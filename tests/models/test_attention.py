@@ -23,11 +23,12 @@ def brute_force_varlen(qkv: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("sizes", [[5, 1, 9, 3], [4, 7, 4, 1, 7, 4]], ids=["all-different", "equal-lengths-grouped"])
+@pytest.mark.parametrize("sizes", [[5, 1, 9, 3], [4, 7, 4, 1, 7, 4], [3, 3, 5, 2, 2, 2], [6, 6, 6], [2, 2, 1, 2, 1]],
+                         ids=["all-different", "equal-lengths-scattered", "equal-lengths-adjacent", "all-equal", "mixed"])
 def test_varlen_attention_matches_per_segment_softmax(sizes):
-    """Catches attention across segments, a wrong segment order after grouping equal lengths (the
-    second case batches three 4s and two 7s into two calls and must put every row back), and a wrong
-    gradient through the split / gather."""
+    """Catches attention across segments, a wrong segment order after grouping equal lengths (segments
+    of one length, adjacent or scattered, share one call and every output row must go back to its
+    sample), and a wrong gradient through the split / gather."""
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(sum(sizes), 3, 2, 8, generator=g, requires_grad=True)
     packing = Packing.from_counts(torch.tensor(sizes))
