@@ -470,6 +470,14 @@ def test_packed_dechunk_is_charged_in_the_form_it_ran(helpers):
     for i in range(8):
         assert flops["macs_per_image_each"][i] == sum(
             dcdit_macs(cfg, int(e["kept"][i]), dechunk_pairs=int(e["dechunk_pairs"][i])).total for e in res.trace)
+    # guided: the [cond; uncond] record is split in halves, each image charged its own two passes
+    res = generate(model, [1, 2, 3, 4], sampler="ddim", num_sampling_steps=2, cfg_scale=2.0, num_snapshots=0)
+    flops = sampling_flops(cfg, res.trace)
+    for i in range(4):
+        assert flops["macs_per_image_each"][i] == sum(
+            dcdit_macs(cfg, int(e["kept"][i]), dechunk_pairs=int(e["dechunk_pairs"][i])).total
+            + dcdit_macs(cfg, int(e["uncond_kept"][i]), dechunk_pairs=int(e["uncond_dechunk_pairs"][i])).total
+            for e in res.trace)
     padded = dataclasses.replace(cfg, execution="padded")
     model_p = build_model(padded).eval()
     model_p.load_state_dict(model.state_dict())
