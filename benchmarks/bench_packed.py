@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from common import (DYNAMIC, PHASES, PhaseTimer, in_execution, interleaved, machine_info, mean_components, median, no_gc,
-                    phase_flops, print_machine)
+                    phase_flops, print_machine, record_components)
 from dcdit.baselines import build_baselines, isoparam_dit
 from dcdit.config import DCDiTConfig, build_model, load_run_config
 from dcdit.diffusion import create_diffusion
@@ -62,13 +62,9 @@ def dcdit_pair(cfg: DCDiTConfig, seed: int):
     return {"packed": packed, "padded": in_execution(packed, "padded")}
 
 
-def mean_macs(cfg: DCDiTConfig, execution: str, counts: list[int], pairs: list[int] | None = None) -> float:
-    return sum(mean_components(dataclasses.replace(cfg, execution=execution), counts, pairs).values())
-
-
-def pair_counts(record) -> list[int] | None:
-    """The packed de-chunk's window pairs per sample (None: it ran the grid blur)."""
-    return None if record.dechunk_pairs is None else record.dechunk_pairs.tolist()
+def mean_macs(cfg: DCDiTConfig, execution: str, record) -> float:
+    """Mean MACs per sample of the forward pass that produced ``record``, as ``execution`` runs it."""
+    return sum(record_components(dataclasses.replace(cfg, execution=execution), [record]).values())
 
 
 # ------------------------------------------------------------------------------------------ case 1
@@ -104,21 +100,20 @@ def spread_forward(args) -> dict:
     for ex in ("packed", "padded"):
         name = f"DC-DiT {ex}"
         M = int(rec.kept_count.max())
-        macs_at = mean_macs(cfg, ex, [M] * B) if ex == "padded" else None  # what the padded batch computed
-        pairs = pair_counts(rec) if ex == "packed" else None
-        rows[name] = dict(sec=median(secs[name]), macs=mean_macs(cfg, ex, counts, pairs), macs_padded=macs_at, sec_all=secs[name])
+        padded_cfg = dataclasses.replace(cfg, execution="padded")
+        macs_at = sum(mean_components(padded_cfg, [M] * B).values()) if ex == "padded" else None  # the padded batch's work
+        rows[name] = dict(sec=median(secs[name]), macs=mean_macs(cfg, ex, rec), macs_padded=macs_at, sec_all=secs[name])
     for r in rows.values():
         r["time_ratio"] = r["sec"] / rows["DiT/2"]["sec"]
         r["mac_ratio"] = r["macs"] / dit_macs_
         r["time_per_mac_ratio"] = r["time_ratio"] / r["mac_ratio"]
     out = dict(config=dataclasses.asdict(cfg), dit_config=dataclasses.asdict(dit_cfg), fractions=SPREAD_FRACTIONS,
                kept_counts=counts, padded_M=int(rec.kept_count.max()), rows=rows)
-    out["breakdown"] = {ex: forward_breakdown(dc[ex], (x, t, y, fractions), cfg, counts, args,
-                                              pair_counts(rec) if ex == "packed" else None) for ex in ("packed", "padded")}
+    out["breakdown"] = {ex: forward_breakdown(dc[ex], (x, t, y, fractions), cfg, rec, args) for ex in ("packed", "padded")}
     return out
 
 
-def forward_breakdown(model, inputs, cfg, counts, args, pairs=None) -> dict:
+def forward_breakdown(model, inputs, cfg, record, args) -> dict:
     """Median seconds per forward phase (hooks) next to the phase's MAC share."""
     timer = PhaseTimer(model)
     try:
@@ -129,7 +124,7 @@ def forward_breakdown(model, inputs, cfg, counts, args, pairs=None) -> dict:
     finally:
         timer.remove()
     secs = timer.median_seconds()
-    macs = phase_flops(mean_components(dataclasses.replace(cfg, execution=model.execution), counts, pairs))
+    macs = phase_flops(record_components(dataclasses.replace(cfg, execution=model.execution), [record]))
     total_s, total_m = sum(secs.values()), sum(macs.values())
     return dict(seconds=secs, time_share={k: v / total_s for k, v in secs.items()},
                 mac_share={k: v / total_m for k, v in macs.items()},
@@ -212,13 +207,13 @@ def training_step(args) -> dict:
         return fn
 
     secs, outs = interleaved({n: call(n) for n in models}, args.rounds, args.warmup)
-    counts = outs["DC-DiT packed"][-1].kept_count.tolist()
-    pairs = pair_counts(outs["DC-DiT packed"][-1])
+    rec = outs["DC-DiT packed"][-1]
+    counts = rec.kept_count.tolist()
     iso_cfg = models["isoflop DiT/2"][1]
     dc_cfg = models["DC-DiT packed"][1]
     rows = {"isoflop DiT/2": dict(sec=median(secs["isoflop DiT/2"]), macs=dit_macs(iso_cfg).total)}
     for ex in ("packed", "padded"):
-        rows[f"DC-DiT {ex}"] = dict(sec=median(secs[f"DC-DiT {ex}"]), macs=mean_macs(dc_cfg, ex, counts, pairs if ex == "packed" else None))
+        rows[f"DC-DiT {ex}"] = dict(sec=median(secs[f"DC-DiT {ex}"]), macs=mean_macs(dc_cfg, ex, rec))
     base = rows["isoflop DiT/2"]
     for name, r in rows.items():
         r["sec_all"] = secs[name]

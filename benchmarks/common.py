@@ -203,18 +203,17 @@ def phase_flops(components: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def mean_components(cfg, counts: list[int], pairs: list[int] | None = None) -> dict[str, float]:
+def mean_components(cfg, counts: list[int]) -> dict[str, float]:
     """Per-sample MACs per dcdit.flops component, averaged over samples with the given kept counts
-    (each sample at its own count: the paper's convention, and what packed execution computes).
-    ``pairs``: the packed de-chunk's window pairs per sample when it ran that form
-    (``RoutingRecord.dechunk_pairs``), else None (the grid blur is charged)."""
+    (each sample at its own count: the paper's convention). Without a forward pass's records the
+    packed de-chunk is charged as the grid blur; :func:`record_components` charges what ran."""
     from dcdit.flops import dcdit_macs
 
-    cache: dict[tuple, dict] = {}
+    cache: dict[int, dict] = {}
     out: dict[str, float] = {}
-    for m in zip(counts, pairs or [None] * len(counts)):
+    for m in counts:
         if m not in cache:
-            cache[m] = dcdit_macs(cfg, m[0], dechunk_pairs=m[1]).components
+            cache[m] = dcdit_macs(cfg, m).components
         for k, v in cache[m].items():
             out[k] = out.get(k, 0.0) + v / len(counts)
     return out

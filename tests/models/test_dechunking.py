@@ -468,14 +468,18 @@ def test_auto_form_choice_is_numerically_irrelevant(grid, M, sigma, D, expect_pa
 
 @pytest.mark.parametrize("grid, counts, sigma", [((9, 4), [36, 2, 20], 2.0), ((20, 17), [150, 1, 40], 1.0)])
 def test_pair_counts_are_each_samples_kernel_non_zeros(grid, counts, sigma):
-    """DeChunk.pair_counts (what dcdit.flops charges) against the loop kernel's non-zeros per sample
-    block: catches counts summed over the batch, attributed to the wrong sample, or a different window."""
+    """The pairs a packed de-chunk records (RoutingRecord.dechunk_pairs, what dcdit.flops charges)
+    against the loop kernel's non-zeros per sample block: catches counts summed over the batch,
+    attributed to the wrong sample, or a different window."""
     rec, _, _ = random_case(grid, counts, seed=sum(counts) + 1)
     K = brute_force_kernel(rec.kept_mask, grid, sigma)
     bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
     want = [int((K[a:b, a:b] > 0).sum()) for a, b in zip(bounds, bounds[1:])]
-    assert DeChunk(sigma, packed_form="pairs").pair_counts(rec, 8).tolist() == want
-    assert DeChunk(sigma, packed_form="grid").pair_counts(rec, 8) is None
+    z = torch.randn(sum(counts), 8)
+    DeChunk(sigma, packed_form="pairs")(z, rec)
+    assert rec.dechunk_pairs.tolist() == want
+    DeChunk(sigma, packed_form="grid")(z, rec)
+    assert rec.dechunk_pairs is None
 
 
 def test_dechunk_rejects_an_unknown_packed_form():

@@ -20,7 +20,6 @@ from .dydit import DyDiTRecord, DynamicDiTBlock
 from .norms import stack_norm
 from .embedders import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 from .dit import init_conditioning_and_gates, xavier_init_linears
-from .guidance import guide, lite_cfg_fractions
 from .hub import HubMixin
 from ..diffusion.schedules import check_noise_schedule
 from .input_checks import as_grid, check_inputs
@@ -235,8 +234,6 @@ class DCDiT(nn.Module, HubMixin):
         elif self.dydit:
             real = layout if layout is not None else torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             record.dydit = DyDiTRecord.from_blocks(dy["stats"], real)
-        if z.dim() == 2:  # packed: the window pairs step 5 smooths over (None: the grid blur), for dcdit.flops
-            record.dechunk_pairs = self.dechunk.pair_counts(record, z.shape[-1])
         return self.dechunk(z, record)  # 5. de-chunk: (B, L, D), fp32
 
     def forward_with_cfg(
@@ -248,7 +245,8 @@ class DCDiT(nn.Module, HubMixin):
         Lite-CFG: ``uncond_tail_dropping_fraction`` gives the unconditional half its own, usually
         larger, tail-drop fraction (e.g. 0.0 for cond, 0.9 for uncond). Packed execution runs every
         sample at its own length; the padded reference pads each half to its own length."""
-        half = x[: len(x) // 2]
-        fractions, groups = lite_cfg_fractions(len(half), tail_dropping_fraction, uncond_tail_dropping_fraction, x.device)
-        out, record = self.forward(torch.cat([half, half], dim=0), t, y, fractions, budget_groups=groups)
-        return guide(out, cfg_scale, self.in_channels, guidance_channels), record
+        from .interface import predict_guided  # the one place guidance lives (it imports this module)
+
+        return predict_guided(self, x, t, y, cfg_scale, tail_dropping_fraction=tail_dropping_fraction,
+                              uncond_tail_dropping_fraction=uncond_tail_dropping_fraction,
+                              guidance_channels=guidance_channels)

@@ -155,6 +155,12 @@ class WindowRanges:
     grid: tuple[int, int]
     pairs: int
 
+    def per_sample(self, kept_count: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the pairs (K's non-zeros) of each sample; ``kept_count`` (B,) sizes its rows."""
+        through = self.count.sum(1).cumsum(0)  # pairs up to each packed row (integers: exact)
+        totals = through[kept_count.to(through.device).cumsum(0) - 1]  # up to each sample's last row
+        return totals - torch.cat([totals.new_zeros(1), totals[:-1]])
+
 
 def window_ranges(kept: torch.Tensor, grid: tuple[int, int], sigma: float) -> WindowRanges:
     """kept (B, L) bool -> the window neighbours of every kept token (packed order), in O(T·(2R + 1)).
@@ -304,22 +310,11 @@ class DeChunk(nn.Module):
             return ranges
         return None
 
-    def smooth_packed(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
-        """Packed smoothing (T, D) -> (T, D) in the cheaper form for this batch (``packed_form``)."""
+    def smooth_packed(self, z: torch.Tensor, record: RoutingRecord) -> tuple[torch.Tensor, WindowRanges | None]:
+        """Packed smoothing (T, D) -> ((T, D), the window pairs it ran over or None for the grid blur),
+        in the cheaper form for this batch (``packed_form``)."""
         ranges = self._pairs_plan(record, z.shape[1])
-        return self.smooth_on_grid(z, record) if ranges is None else self.smooth_pairs(z, record, ranges)
-
-    def pair_counts(self, record: RoutingRecord, channels: int) -> torch.Tensor | None:
-        """(B,) long: the window pairs (K's non-zeros) of each sample when the packed smoothing of this
-        batch of ``channels``-wide tokens runs the pairs form; None when it runs the grid blur. What
-        ``dcdit.flops`` charges (pairs·(D + 1) MACs: numerator and denominator)."""
-        ranges = self._pairs_plan(record, channels)
-        if ranges is None:
-            return None
-        per_token = ranges.count.sum(1)  # (T,), packed order: sample after sample
-        B = record.kept_count.shape[0]
-        sample = torch.repeat_interleave(torch.arange(B, device=per_token.device), record.kept_count.to(per_token.device))
-        return per_token.new_zeros(B).index_add_(0, sample, per_token)
+        return (self.smooth_on_grid(z, record) if ranges is None else self.smooth_pairs(z, record, ranges)), ranges
 
     def plug_back(self, out: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         """Packed (T, D) de-chunked tokens -> (B, L, D): every cell takes its nearest kept token."""
@@ -333,6 +328,9 @@ class DeChunk(nn.Module):
     def forward(self, z: torch.Tensor, record: RoutingRecord) -> torch.Tensor:
         with torch.autocast(device_type=z.device.type, enabled=False):
             if z.dim() == 2:  # packed: window pairs or grid blur
-                return self.plug_back(self.smooth_packed(z.float(), record), record)
+                out, ranges = self.smooth_packed(z.float(), record)
+                # the form that ran, for dcdit.flops (pairs·(D + 1) MACs per sample); None: the grid blur
+                record.dechunk_pairs = None if ranges is None else ranges.per_sample(record.kept_count)
+                return self.plug_back(out, record)
             out = self.smooth(z.float(), record)
             return gather_tokens(out, nearest_kept_slot(record))
