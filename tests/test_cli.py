@@ -226,9 +226,8 @@ def test_missing_and_mismatched_checkpoints(tmp_path, capsys):
 
 
 def test_sample_flags_override_the_run_configs_sample_section(tmp_path):
-    """Flags not given keep the default sampling settings (for the shipped model: configs/mnist.yaml's
-    DDPM, CFG 4, see dcdit.pipelines.stored_sampling); --lite-cfg without a fraction means 0.9 for the
-    unconditional half."""
+    """Flags not given keep the checkpoint's `sample:` section (the shipped model's: DDPM, CFG 4);
+    --lite-cfg without a fraction means 0.9 for the unconditional half."""
     out = tmp_path / "s"
     assert main(["sample", "--ckpt", str(DEMO_CHECKPOINT), "--out", str(out), "--steps", "2", "--classes", "4",
                  "--per-class", "1", "--lite-cfg", "--tail-dropping-fraction", "0.1", "--no-progress"]) == 0

@@ -51,16 +51,6 @@ def sampling_options(base: SampleConfig, **overrides) -> SampleConfig:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def stored_sampling(ckpt, cfg: RunConfig) -> SampleConfig:
-    """The sampling settings a checkpoint is sampled with by default: its run's ``sample:`` section.
-    The shipped demo checkpoint was written with the section of an earlier config (DDIM 50, CFG 2,
-    which leaves a grey background with this cosine-schedule model); it samples with the settings
-    measured for it, ``configs/mnist.yaml``'s (DDPM 50, CFG 4; docs/demo-checkpoint.md)."""
-    if Path(ckpt).resolve() == DEMO_CHECKPOINT.resolve():
-        return load_run_config("mnist").sample
-    return cfg.sample
-
-
 def load_for_sampling(ckpt, device=None, sample: SampleConfig | None = None, **overrides):
     """(model, run config, step, sampling settings, device) of a checkpoint: a run folder, a checkpoint
     folder or a ``.safetensors`` file. ``sample`` (default: the checkpoint's ``sample:`` section) with
@@ -68,7 +58,7 @@ def load_for_sampling(ckpt, device=None, sample: SampleConfig | None = None, **o
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_ema = overrides.get("use_ema")
     model, cfg, step = load_model(ckpt, use_ema=True if use_ema is None else use_ema, device=device)
-    options = sampling_options(sample or stored_sampling(ckpt, cfg), **overrides)
+    options = sampling_options(sample or cfg.sample, **overrides)
     if options.use_ema != (True if use_ema is None else use_ema) and Path(ckpt).is_dir():  # the config asks for the raw weights
         model, cfg, step = load_model(ckpt, use_ema=options.use_ema, device=device)
     return model, cfg, step, options, device
@@ -258,8 +248,9 @@ def demo(out="demo_output", *, train: bool = False, train_steps: int | None = No
          seed: int = 0, device=None, progress: bool = True) -> dict:
     """Sample the digits 0-9 with the shipped MNIST DC-DiT into ``out`` (see :func:`sample_to_folder`).
 
-    The sampling settings are the ``sample:`` section of ``configs/mnist.yaml`` (measured in
-    docs/demo-checkpoint.md); the arguments that are not None override them. ``train=True`` first
+    The sampling settings are the checkpoint's ``sample:`` section, for the shipped checkpoint and for
+    a run of ``dcdit train mnist`` that of ``configs/mnist.yaml`` (measured in docs/demo-checkpoint.md);
+    the arguments that are not None override them. ``train=True`` first
     trains ``dcdit train mnist`` (``train_steps`` steps; default the config's) into ``out/train``,
     continuing a run already there, and samples that run instead."""
     out = Path(out)
@@ -275,6 +266,5 @@ def demo(out="demo_output", *, train: bool = False, train_steps: int | None = No
         train_run(load_run_config("mnist", overrides), ckpt, resume=resume, device=device, progress=progress)
     elif not ckpt.exists():
         raise FileNotFoundError(f"the shipped demo checkpoint {ckpt} is missing; run `dcdit demo --train` to train one")
-    return sample_to_folder(ckpt, out, classes=MNIST_DIGITS, per_class=per_class, sample=load_run_config("mnist").sample,
-                            device=device, progress=progress, sampler=sampler, num_sampling_steps=num_sampling_steps,
+    return sample_to_folder(ckpt, out, classes=MNIST_DIGITS, per_class=per_class, device=device, progress=progress, sampler=sampler, num_sampling_steps=num_sampling_steps,
                             cfg_scale=cfg_scale, seed=seed)
