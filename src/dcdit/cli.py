@@ -217,12 +217,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every subcommand's flags. A straight list of argparse declarations, one block per command in
-    the order of ``dcdit --help``, kept whole because it reads as the command's reference."""
-    parser = argparse.ArgumentParser(prog="dcdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo(sub) -> None:
+    """`dcdit demo`."""
     p = sub.add_parser("demo", help="sample all ten MNIST digits with the shipped DC-DiT checkpoint (CPU, a few minutes)",
                        description="Sample the digits 0-9 with the small DC-DiT shipped in the package and write the sample grid, "
                                    "chunking_viz.png (x_t, boundary probabilities, share of tokens kept across timesteps), the "
@@ -240,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_train(sub) -> None:
+    """`dcdit train`."""
     p = sub.add_parser("train", help="train a model from a YAML config (single process, torchrun or accelerate launch)",
                        description="Train DC-DiT or DiT. CONFIG is a YAML file or a packaged config name "
                                    "(mnist, DC-DiT-B-N4, DiT-XL-2, ...). Overrides: section.key=value words, e.g. "
@@ -259,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub) -> None:
+    """`dcdit sample`."""
     p = sub.add_parser("sample", help="generate a sample grid, chunking_viz.png and a compression plot from a checkpoint",
                        description="Generate images of chosen classes from a dcdit checkpoint (EMA weights by default) and "
                                    "write samples.png, chunking_viz.png, compression_vs_timestep.png and settings.json.")
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     p.set_defaults(func=cmd_sample)
 
+
+def _add_sample_ddp(sub) -> None:
+    """`dcdit sample-ddp`."""
     p = sub.add_parser("sample-ddp", help="sharded generation for FID: PNG folder + ADM .npz (run under torchrun)",
                        description="Generate --num-samples images with random class labels across all processes "
                                    "(torchrun --nproc_per_node=N -m dcdit.cli sample-ddp ...): one PNG per image and "
@@ -278,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per process and forward pass")
     p.set_defaults(func=cmd_sample_ddp)
 
+
+def _add_extract_features(sub) -> None:
+    """`dcdit extract-features`."""
     p = sub.add_parser("extract-features", help="encode an image folder into sharded VAE posteriors for training",
                        description="Encode an ImageFolder-layout folder (one sub-folder per class) with a diffusers "
                                    "AutoencoderKL (local path or hub id), ADM centre crop, storing the posterior mean and "
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract_features)
 
+
+def _add_flops(sub) -> None:
+    """`dcdit flops`."""
     p = sub.add_parser("flops", help="FLOP table of a model config (per component; DC-DiT at several token budgets)",
                        description="Multiply-accumulates of one forward pass per component (fvcore's convention, as the DiT "
                                    "paper's 'Gflops'), and TFLOPs per image for 250 sampling steps = 2 x MACs x steps "
@@ -308,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-fractions", type=float, nargs="*", default=[0.0, 0.25, 0.5])
     p.set_defaults(func=cmd_flops)
 
+
+def _add_upcycle(sub) -> None:
+    """`dcdit upcycle`."""
     p = sub.add_parser("upcycle", help="turn a pretrained DiT (official .pt or diffusers) into a DC-DiT and report the mapping",
                        description="Load a pretrained DiT from a local path (official release .pt, read with weights_only=True, "
                                    "or a diffusers DiTTransformer2DModel folder), build a DC-DiT from CONFIG whose inner blocks "
@@ -322,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the upcycled model here (.safetensors with its config)")
     p.set_defaults(func=cmd_upcycle)
 
+
+def _add_baselines(sub) -> None:
+    """`dcdit baselines`."""
     p = sub.add_parser("baselines", help="derive isoparam and isoflop DiT configs from a DC-DiT config or checkpoint",
                        description="Write isoparam.yaml (DiT with patch sqrt(N) and the depth closest in parameters) and "
                                    "isoflop.yaml (the smallest depth whose MACs per forward reach the DC-DiT's) next to each "
@@ -336,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_baselines)
 
+
+def _add_evaluation(sub) -> None:
+    """`dcdit evaluate`, `train-classifier` and `analyze-router` (their flags: cli_evaluation)."""
     from .cli_evaluation import (add_evaluate_args, add_router_analysis_args, add_train_classifier_args,
                                  evaluate_main, router_analysis_main, train_classifier_main)
 
@@ -352,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_analysis_args(p)
     p.set_defaults(func=router_analysis_main)
 
+
+def _add_convert_release(sub) -> None:
+    """`dcdit convert-release`."""
     p = sub.add_parser("convert-release", help="convert a checkpoint of the authors' release into a dcdit run folder",
                        description="Read a checkpoint written by the train.py of AMD-AGI/DynamicChunkingDiT (top-level "
                                    "model / ema / opt / config; loaded with torch.load(weights_only=True) and stand-ins for "
@@ -364,10 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights `dcdit sample` uses (ema.safetensors): ema, as the release's sampler (default), or model")
     p.set_defaults(func=cmd_convert_release)
 
+
+def _add_presets(sub) -> None:
+    """`dcdit presets`."""
     p = sub.add_parser("presets", help="print the model presets and their parameter counts",
                        description="Print every model preset (DiT-S/B/L/XL with patch 2/4/8, DC-DiT-B/XL at N=4/16) with "
                                    "its width, depth, heads and parameter count next to the paper's figure.")
     p.set_defaults(func=cmd_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's flags, one function per command in the order of ``dcdit --help``."""
+    parser = argparse.ArgumentParser(prog="dcdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_sample, _add_sample_ddp, _add_extract_features, _add_flops, _add_upcycle,
+                _add_baselines, _add_evaluation, _add_convert_release, _add_presets):
+        add(sub)
     return parser
 
 

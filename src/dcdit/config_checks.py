@@ -93,19 +93,19 @@ FRACTIONS = Rule("a list of finite numbers in [0, 1), e.g. [0, 0.1, 0.2]",
                  lambda v: isinstance(v, (list, tuple)) and all(number(0, 1, hi_open=True).ok(f) for f in v))
 
 
-@functools.cache
-def rules() -> dict[str, Rule]:
-    """The rule of every leaf key, by dotted name (model keys cover both DiT and DC-DiT). One table,
-    section by section: it reads better whole than split."""
-    from .data import DATASETS
+_POSITIVE = number(0, lo_open=True)
+_FRACTION = number(0, 1, hi_open=True)
+
+
+def _model_rules() -> dict[str, Rule]:
+    """``model:`` keys (DiT's and DC-DiT's)."""
     from .diffusion.schedules import NOISE_SCHEDULES
     from .models.chunking import TAIL_DROP_ROUNDINGS
     from .models.dcdit import EXECUTIONS
     from .models.norms import STACK_NORMS
 
-    positive = number(0, lo_open=True)
-    fraction = number(0, 1, hi_open=True)
-    model = {
+    positive, fraction = _POSITIVE, _FRACTION
+    return {
         "arch": choice("dit", "dcdit"),
         "input_size": GRID,
         "patch_size": integer(1),
@@ -146,14 +146,26 @@ def rules() -> dict[str, Rule]:
         "execution": choice(*EXECUTIONS),
         "inner_mlp": FLAGS,  # false: a DiT block without MLP (the release's 'd'); length checked below
     }
-    data = {
+
+
+def _data_rules() -> dict[str, Rule]:
+    """``data:`` keys."""
+    from .data import DATASETS
+
+    positive = _POSITIVE
+    return {
         "name": choice(*sorted(DATASETS)),
         "root": optional(TEXT),
         "flip": optional(FLAG),
         "vae": optional(TEXT),
         "latent_scale": optional(positive),
     }
-    train = {
+
+
+def _train_rules() -> dict[str, Rule]:
+    """``train:`` keys (nested sections with dotted names)."""
+    positive = _POSITIVE
+    return {
         "steps": integer(1),
         "global_batch_size": integer(1),
         "micro_batch_size": optional(integer(1)),
@@ -186,7 +198,12 @@ def rules() -> dict[str, Rule]:
         "wandb": FLAG,
         "max_nonfinite_steps": integer(1),  # 0 would stop before the first skipped step could be retried
     }
-    sample = {
+
+
+def _sample_rules() -> dict[str, Rule]:
+    """``sample:`` keys."""
+    fraction = _FRACTION
+    return {
         "sampler": choice("ddpm", "ddim"),
         "num_sampling_steps": integer(1, _DIFFUSION_STEPS + 1),
         "cfg_scale": number(0),
@@ -197,7 +214,12 @@ def rules() -> dict[str, Rule]:
         "seed": integer(0, _SEED_LIMIT),
         "eta": number(0),
     }
-    sections = {"model": model, "data": data, "train": train, "sample": sample}
+
+
+@functools.cache
+def rules() -> dict[str, Rule]:
+    """The rule of every leaf key, by dotted name (model keys cover both DiT and DC-DiT)."""
+    sections = {"model": _model_rules(), "data": _data_rules(), "train": _train_rules(), "sample": _sample_rules()}
     return {f"{s}.{k}": rule for s, keys in sections.items() for k, rule in keys.items()}
 
 

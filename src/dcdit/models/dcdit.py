@@ -59,43 +59,23 @@ class DCDiT(nn.Module, HubMixin):
 
     def __init__(
         self,
-        input_size: int | tuple[int, int] = 32,
-        in_channels: int = 4,
-        hidden_size: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-        timestep_freq_shift: float = 0.0,
-        noise_schedule: str = "linear",
+        # DiT's fields (models.dit.DiT takes the same)
+        input_size: int | tuple[int, int] = 32, in_channels: int = 4, hidden_size: int = 768, depth: int = 12,
+        num_heads: int = 12, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
+        learn_sigma: bool = True, timestep_freq_shift: float = 0.0, noise_schedule: str = "linear",
         label_embed_std: float = 0.02,
-        encoder_width: int | None = None,
-        encoder_blocks: int = 2,
-        decoder_blocks: int = 2,
-        conv_norm_groups: int = 32,
-        router: str = "cosine",
-        target_ratio: float = 4.0,
-        dechunk_sigma: float = 1.0,
-        residual_init: str = "zero",
-        mask_padding: bool = True,
-        cond_adaptor: bool = False,
-        pos_scale: float = 1.0,
-        pos_offset: float = 0.0,
-        dydit: bool = False,
-        dydit_token_hidden_ratio: float = 1 / 16,
-        dydit_tau: float = 5.0,
-        dydit_threshold: float = 0.5,
-        conv_norm_eps: float = 1e-6,
-        conv_stack_norm: str = "layernorm",
-        inner_stack_norm: str = "none",
-        router_centre_tap: bool = False,
-        inner_adaln_init: str = "zero",
-        dechunk_eps: float = 0.0,
+        # 1. and 6. the conv encoder / decoder
+        encoder_width: int | None = None, encoder_blocks: int = 2, decoder_blocks: int = 2, conv_norm_groups: int = 32,
+        # 2.–5. router, chunking, inner network, de-chunking
+        router: str = "cosine", target_ratio: float = 4.0, dechunk_sigma: float = 1.0, residual_init: str = "zero",
+        mask_padding: bool = True, execution: str = "packed", inner_mlp: list[bool] | None = None,
+        # upcycling (dcdit.upcycle) and DyDiT gates (models/dydit.py)
+        cond_adaptor: bool = False, pos_scale: float = 1.0, pos_offset: float = 0.0,
+        dydit: bool = False, dydit_token_hidden_ratio: float = 1 / 16, dydit_tau: float = 5.0, dydit_threshold: float = 0.5,
+        # the authors' release's choices (config.RELEASE_MODEL_OPTIONS, docs/release.md)
+        conv_norm_eps: float = 1e-6, conv_stack_norm: str = "layernorm", inner_stack_norm: str = "none",
+        router_centre_tap: bool = False, inner_adaln_init: str = "zero", dechunk_eps: float = 0.0,
         tail_drop_rounding: str = "tolerant",
-        execution: str = "packed",
-        inner_mlp: list[bool] | None = None,
     ):
         """The modules of paper §3 in the order the forward pass uses them. The arguments are the
         fields of ``DCDiTConfig`` (documented there and in the README's config tables); half of this
