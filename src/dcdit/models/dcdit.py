@@ -78,8 +78,7 @@ class DCDiT(nn.Module, HubMixin):
         tail_drop_rounding: str = "tolerant",
     ):
         """The modules of paper §3 in the order the forward pass uses them. The arguments are the
-        fields of ``DCDiTConfig`` (documented there and in the README's config tables); half of this
-        function's length is their list."""
+        fields of ``DCDiTConfig`` (documented there and in the README's config tables), grouped by step."""
         super().__init__()
         D = hidden_size
         d = encoder_width or D // 4
