@@ -18,6 +18,8 @@ from dcdit.models.router import (
     RandomRouter,
     build_router,
     hard_boundaries,
+    to_grid,
+    unit_rows,
 )
 
 
@@ -116,6 +118,70 @@ def test_cosine_router_matches_brute_force(grid, randomise):
     torch.testing.assert_close(p.double(), ref.clamp(0, 1), atol=1e-5, rtol=0)
     assert bool(((p >= 0) & (p <= 1)).all())
     assert torch.equal(mask, brute_force_hard_mask(p))
+
+
+def _rows_with_edge_cases(dtype):
+    """Ordinary rows plus the ones F.normalize treats specially: an exact zero row, rows below and at
+    its eps (1e-12, the norm is clamped), and a large one."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 6, 5, dtype=dtype)
+    x[0, 0] = 0
+    x[0, 1] *= 1e-14
+    x[1, 2] = torch.tensor([1e-12, 0, 0, 0, 0], dtype=dtype)
+    x[2, 3] *= 1e6
+    return x
+
+
+def test_unit_rows_forward_is_f_normalize_bit_for_bit():
+    """The cosine router's outputs (and every pinned output) must not move: same arithmetic exactly."""
+    x = _rows_with_edge_cases(torch.float32)
+    assert torch.equal(unit_rows(x), torch.nn.functional.normalize(x, dim=-1))
+    h = torch.randn(4, 64, 96)
+    assert torch.equal(unit_rows(h), torch.nn.functional.normalize(h, dim=-1))
+
+
+def test_unit_rows_gradient_equals_autograd_of_f_normalize():
+    """The closed-form backward against autograd through F.normalize (division, norm, clamp), in
+    float64, including zero and clamped rows; and against finite differences on ordinary rows.
+    Catches a missing projection term, a projection applied on clamped rows, a wrong divisor."""
+    x = _rows_with_edge_cases(torch.float64)
+    g = torch.randn_like(x)
+    a = x.clone().requires_grad_()
+    torch.nn.functional.normalize(a, dim=-1).backward(g)
+    b = x.clone().requires_grad_()
+    unit_rows(b).backward(g)
+    # a row's gradient scales as 1 / max(‖x‖, eps) (1e12 on the clamped rows, where autograd's
+    # cancellation leaves ~1e-4 of noise): compare in that unit
+    scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(b.grad * scale, a.grad * scale, rtol=0, atol=1e-10)
+    ordinary = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(unit_rows, (ordinary,))
+
+
+def test_cosine_router_gradients_equal_the_autograd_formula():
+    """The router's gradients (input and all three weights) equal autograd's through the plain
+    formula with F.normalize: the custom backward changes nothing but rounding."""
+    torch.manual_seed(2)
+    D, grid = 8, (5, 6)
+    r = CosineRouter(D)
+    with torch.no_grad():
+        for prm in r.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    h = torch.randn(3, 30, D, requires_grad=True)
+    w = torch.randn(3, 30)
+
+    def formula(h):
+        F = torch.nn.functional
+        q = F.normalize(F.linear(h, r.q_proj.weight), dim=-1)
+        k = F.normalize(F.linear(h, r.k_proj.weight), dim=-1)
+        k_bar = F.conv2d(F.pad(to_grid(k, grid), (1, 1, 1, 1), mode="replicate"), r.k_neighbourhood.weight, groups=D)
+        return ((1 - (q * k_bar.flatten(2).transpose(1, 2)).sum(-1)) / 2).clamp(0, 1)
+
+    params = [h, *r.parameters()]
+    ref = torch.autograd.grad((formula(h) * w).sum(), params)
+    got = torch.autograd.grad((r(h, grid)[0] * w).sum(), params)
+    for name, a, b in zip(["h", "q_proj", "k_proj", "k_neighbourhood"], got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_cosine_router_extremes_stay_in_unit_interval():

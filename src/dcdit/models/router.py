@@ -28,6 +28,35 @@ def _fp32(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+class UnitRows(torch.autograd.Function):
+    """ŷ = x / max(‖x‖, eps) over the last dim: ``F.normalize``'s forward, bit for bit, with a closed-form
+    backward  ∂L/∂x = (g − ŷ (g·ŷ)) / ‖x‖  (only g / eps on rows whose norm is clamped at eps).
+
+    Why: autograd differentiates F.normalize through its division, the norm and the clamp, seven
+    passes over (B, L, D) with the masked fill for zero rows. Measured on the MNIST training shape
+    (B 32, L 1024, D 96, 2 threads): the cosine router's forward + backward 95 → 69 ms, ~3% of a
+    training step (docs/benchmarks.md). Gradients agree with autograd's to rounding (1e-7 relative).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        y = x / norm.clamp_min(eps)
+        ctx.save_for_backward(y, norm.clamp_min(eps), norm < eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, norm, clamped = ctx.saved_tensors
+        along = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).masked_fill_(clamped, 0)  # a clamped norm is constant
+        return torch.addcmul(g, y, along, value=-1).div_(norm), None
+
+
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=-1, eps=eps)`` with a cheaper backward (:class:`UnitRows`)."""
+    return UnitRows.apply(x, eps)
+
+
 def to_grid(h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, L, D) tokens in raster order -> (B, D, H, W)."""
     return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], *grid)
@@ -58,8 +87,8 @@ class CosineRouter(nn.Module):
     def forward(self, h: torch.Tensor, grid: tuple[int, int]):
         with _fp32(h.device.type):
             h = h.float()
-            q = F.normalize(self.q_proj(h), dim=-1)  # (B, L, D)
-            k = F.normalize(self.k_proj(h), dim=-1)
+            q = unit_rows(self.q_proj(h))  # (B, L, D)
+            k = unit_rows(self.k_proj(h))
             k_bar = self.k_neighbourhood(F.pad(to_grid(k, grid), (1, 1, 1, 1), mode="replicate"))
             s = (q * k_bar.flatten(2).transpose(1, 2)).sum(-1)  # (B, L)
             p = ((1 - s) / 2).clamp(0.0, 1.0)
