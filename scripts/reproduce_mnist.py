@@ -9,16 +9,19 @@ that draw digits, and the ablations of the paper's other claims (arXiv 2603.0635
 The runs, the order and the budget choice are in ``scripts/mnist_study/plan.py``; the evaluation
 protocol in ``evaluation.py``; the verdict rules in ``rules.py``. Phases, in the order they run:
 scale (guidance selection), main (DC-DiT / isoparam / isoflop per seed), elastic, router, random,
-multibudget, upcycle, dydit, cosine. Finished runs and evaluations are skipped (``train_summary.json``,
-``eval/<name>/result.json``); an interrupted run resumes from its latest checkpoint (``dcdit train
---resume``), an interrupted evaluation from its last saved chunk of samples. ``results.md`` is
-rewritten after every step, so it always shows what is finished.
+multibudget, upcycle, dydit, cosine, timing (the finished models' time per step, in one process:
+``timing.py``). Finished runs and evaluations are skipped (``train_summary.json``,
+``eval/<name>/result.json``, ``timing/timing.json``); an interrupted run resumes from its latest
+checkpoint (``dcdit train --resume``), an interrupted evaluation from its last saved chunk of
+samples. ``results.md`` is rewritten after every step, so it always shows what is finished.
 
 Cost on the 2-core CPU with --threads 2 (20 measured training steps at batch 32, other jobs running):
 dcdit_release 0.85–0.89 s / step (~45 min a run), isoflop 0.70 s (~35 min), isoparam 0.41 s (~20 min);
 an evaluation (500 samples, DDPM 50, guided) ~8–15 min. The whole study ≈ 14 h; seed 0 of the main
-three with its evaluations ≈ 2 h after the ~12 min guidance selection. Run one invocation per folder
-at a time (runs are not locked against a second process).
+three with its evaluations ≈ 2 h after the ~12 min guidance selection. Runs are not locked against
+a second process: two invocations may share a folder only with disjoint ``--only`` phases (e.g. two
+1-thread processes, ``--threads 1``, trained the release DC-DiT at 0.68 steps/s each, against
+1.1–1.2 steps/s for one 2-thread process: ~1.2× the throughput).
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from mnist_study.plan import (
     Recipe,
     RouterAnalysis,
     Run,
+    Timing,
     task_phase,
     tasks,
 )
 from mnist_study.report import write_report
+from mnist_study.timing import time_models
 from mnist_study.training import StudyError, baseline_configs, run_done, train_run
 
 from dcdit.checkpoint import read_weights
@@ -99,6 +104,12 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
         ckpt = checkpoint(out, task.run, None, steps_of)
         if ckpt is not None:
             state["routers"][task.name] = router(out, task, recipe, ckpt)
+    elif isinstance(task, Timing):
+        waiting = [n for n in task.needs if not run_done(out / n, steps_of[n])]
+        if state["selection"] is None or waiting:
+            print(f"[timing] waits for {', '.join(waiting) or 'the guidance scale'}", flush=True)
+            return
+        time_models(out, task, recipe, protocol(recipe, state["selection"]["cfg_scale"]), DEMO, threads)
     else:  # ("scale", None)
         state["selection"] = select_guidance(out, DEMO, recipe, threads)
 
@@ -106,7 +117,7 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
 def finished(out: Path) -> set[Path]:
     """The files that mark finished work (a report is due when this set grows)."""
     return {*out.glob("*/train_summary.json"), *out.glob("eval/*/result.json"), *out.glob("router/*/router_analysis.json"),
-            *out.glob("selection/selection.json")}
+            *out.glob("selection/selection.json"), *out.glob("timing/timing.json")}
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,9 @@ Runs (seed k in ``--seeds`` for the first three, seed 0 for the rest):
                       and the same fine-tune without DyDiT
   dcdit_cosine_s0     configs/mnist.yaml (the paper-text cosine router)                 last, "if time allows"
 
+Then the time per training and sampling step of the finished models, all timed in one process
+(``timing.py``: the runs' own wall times come from a shared CPU).
+
 The isoflop budget is nominal (L/N kept tokens per forward), not measured: it is fixed before any
 DC-DiT is trained, so all baselines of all seeds are built at once and in parallel with the DC-DiT
 runs, and it is the paper's own definition of the budget. The measured GFLOPs of every model along
@@ -37,7 +40,7 @@ GUIDANCE_SCALES = (1.5, 2.0, 3.0, 4.0)
 TAILS = (0.0, 0.25, 0.5, 0.75)
 LITE_CFG = (0.0, 0.9)  # (conditional, unconditional) tail-drop fractions: the release README's Lite-CFG setting
 RELEASE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # configs/DC-DiT-B-N4-release.yaml
-PHASES = ("scale", "main", "elastic", "router", "random", "multibudget", "upcycle", "dydit", "cosine")
+PHASES = ("scale", "main", "elastic", "router", "random", "multibudget", "upcycle", "dydit", "cosine", "timing")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class Recipe:
     bootstrap: int = 1000
     router_images: int = 200
     router_sampling_steps: int = 50
+    timing_rounds: int = 5  # the timing phase (timing.py): rounds after the warm-up, medians reported
+    timing_warmup: int = 1
+    timing_per_class: int = 2  # a sampling step is timed on 20 samples (40 rows with guidance)
+    timing_sampling_steps: int = 10
     in_process: bool = False  # train inside this process (smoke) instead of a `dcdit train` subprocess
 
     @property
@@ -88,7 +95,7 @@ SMOKE = Recipe(
     train_overrides=("train.global_batch_size=8", "train.ratio_batch_size=8", "train.tensorboard=false"),
     log_every=1, dydit_steps=2, dydit_warmup_steps=1, dydit_ckpt_every=1, samples_per_class=1, chunk_per_class=1,
     sampling_steps=2, selection_per_class=1, scales=(1.5, 4.0), bootstrap=20, router_images=4,
-    router_sampling_steps=0, in_process=True,
+    router_sampling_steps=0, timing_rounds=1, timing_per_class=1, timing_sampling_steps=2, in_process=True,
 )
 
 
@@ -126,6 +133,31 @@ class RouterAnalysis:
     name: str
     run: str
     phase: str
+
+
+TRAIN_TIMED = ("dcdit_release_s0", "isoparam_s0", "isoflop_s0", "random_s0", "dcdit_cosine_s0", "demo_finetune", "dydit_demo")
+SAMPLE_TIMED = (*TRAIN_TIMED, "multibudget_s0", "demo")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The timing task: the runs whose training step and the evaluations whose sampling step are timed."""
+
+    train: tuple[str, ...]
+    sample: tuple[Evaluation, ...]
+    phase: str = "timing"
+    name: str = "timing"
+
+    @property
+    def needs(self) -> list[str]:
+        return sorted({*self.train, *(e.run for e in self.sample if e.run != "demo")})
+
+
+def timing_task(plan: list) -> Timing:
+    """Which of the plan's runs and evaluations are timed (:data:`TRAIN_TIMED`, :data:`SAMPLE_TIMED`)."""
+    runs = [t.name for t in plan if isinstance(t, Run) and t.name in TRAIN_TIMED]
+    evals = [t for t in plan if isinstance(t, Evaluation) and t.run in SAMPLE_TIMED and t.step is None]
+    return Timing(tuple(runs), tuple(evals))
 
 
 def _common(r: Recipe, keep_last: int = 100) -> tuple[str, ...]:
@@ -175,7 +207,8 @@ def upcycle_points(r: Recipe) -> list[int]:
 def tasks(out: Path, r: Recipe, seeds: list[int], demo: Path, demo_schedule: str) -> list:
     """Everything, in the order that gives the most evidence first: the guidance scale, seed 0 of the
     main three (claim (a)), elastic inference and the router of that DC-DiT (claims (e), (b), (c)),
-    the other seeds, the random router (d), multi-budget (e), upcycling, DyDiT, the cosine router."""
+    the other seeds, the random router (d), multi-budget (e), upcycling, DyDiT, the cosine router, and
+    last the time per step of the finished models (``timing.py``)."""
     t: list = [("scale", None)]
     abl = ablation_runs(out, r, demo, demo_schedule)
     for i, seed in enumerate(seeds):
@@ -197,7 +230,7 @@ def tasks(out: Path, r: Recipe, seeds: list[int], demo: Path, demo_schedule: str
     t += abl["dydit"] + [Evaluation(n, n, "dydit") for n in ("demo", "dydit_demo", "demo_finetune")]
     t += abl["cosine"] + [Evaluation("dcdit_cosine_s0", "dcdit_cosine_s0", "cosine"),
                           RouterAnalysis("dcdit_cosine_s0", "dcdit_cosine_s0", "router")]
-    return t
+    return [*t, timing_task(t)]
 
 
 def task_phase(task) -> str:
@@ -220,6 +253,7 @@ __all__ = [
     "Recipe",
     "RouterAnalysis",
     "Run",
+    "Timing",
     "ablation_runs",
     "main_runs",
     "sized",

@@ -42,6 +42,35 @@ def train_summary(out: Path, run: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def load_timing(out: Path) -> dict | None:
+    p = out / "timing" / "timing.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def step_times(out: Path, name: str, r: dict | None, timing: dict | None) -> tuple[float | None, float | None]:
+    """(training s / step, sampling s / step) of evaluation ``name``. From the timing phase once it has
+    run (one process, interleaved rounds; None for what it did not time), until then from the run's
+    wall time and the evaluation's own sampling time (a shared CPU: indicative only). Never mixed."""
+    if timing is not None:
+        train = timing["train_s_per_step"].get(run_of(name)) if "@" not in name else None
+        return train, timing["sampling_s_per_step"].get(name)
+    ts = train_summary(out, run_of(name))
+    train = ts["wall_time_s"] / ts["step"] if ts and ts["step"] and "@" not in name else None
+    return train, None if r is None else r["sampling_s_per_step"]
+
+
+def times_note(timing: dict | None) -> str:
+    if timing is None:
+        return ("Times: the runs' wall time per step and the evaluations' own sampling time, on a CPU shared with the "
+                "rest of the study: indicative only until the timing phase has run.")
+    sp = timing["sampling"]
+    return (f"Times: the timing phase (scripts/mnist_study/timing.py): every model in one process with {timing['threads']} "
+            f"thread(s), {timing['rounds']} interleaved rounds after {timing['warmup_rounds']} warm-up, medians; a training "
+            f"step is dcdit.train's step from the run's final weights, a sampling step one step of guided {sp['sampler'].upper()} "
+            f"(scale {sp['cfg_scale']:g}) on {10 * sp['per_class']} samples over a {sp['steps']}-step trajectory. Seed-0 "
+            "models only (the other seeds have the same architectures).")
+
+
 def window_mse(out: Path, run: str, end: int, window: int) -> float | None:
     """Mean logged ε-MSE of ``run`` over steps (end − window, end]: the same steps, hence the same
     batches, timesteps and noise, for every run of a seed."""
@@ -56,6 +85,10 @@ def window_mse(out: Path, run: str, end: int, window: int) -> float | None:
 def _ci(r: dict, key: str, ci: str, digits: int) -> str:
     lo, hi = r[ci]
     return f"{r[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _seconds(s: float | None) -> str:
+    return "" if s is None else f"{s:.3f}"
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -83,16 +116,15 @@ def table1(results: dict, mse: dict, seeds: list[int]) -> list[str]:
     return lines
 
 
-def detail_table(results: dict, out: Path) -> list[str]:
+def detail_table(results: dict, out: Path, timing: dict | None) -> list[str]:
     """Every evaluation with its intervals, compute, and times next to the ratios to the isoflop DiT of its seed."""
-    lines = [("| evaluation | step | MNIST-FID [95% CI] | class acc [95% CI] | IS [95% CI] | tokens kept / L | GFLOPs / img | "
+    lines = [times_note(timing), "", ("| evaluation | step | MNIST-FID [95% CI] | class acc [95% CI] | IS [95% CI] | tokens kept / L | GFLOPs / img | "
               "FLOPs ÷ isoflop | train s / step | ÷ isoflop | sampling s / step | ÷ isoflop |"), "|" + "---|" * 12]
     for name, r in results.items():
         seed = run_of(name).rsplit("_s", 1)[-1]
         iso = results.get(f"isoflop_s{seed}")
-        ts, iso_ts = train_summary(out, run_of(name)), train_summary(out, f"isoflop_s{seed}")
-        train_step = ts["wall_time_s"] / ts["step"] if ts and "@" not in name else None
-        iso_step = iso_ts["wall_time_s"] / iso_ts["step"] if iso_ts else None
+        train_step, sample_step = step_times(out, name, r, timing)
+        iso_step, iso_sample = step_times(out, f"isoflop_s{seed}", iso, timing)
 
         def ratio(a, b):
             return f"{a / b:.2f}" if a is not None and b else ""
@@ -101,8 +133,7 @@ def detail_table(results: dict, out: Path) -> list[str]:
         lines.append(f"| {name} | {r['step']} | {_ci(r, 'mnist_fid', 'fid_ci', 1)} | {_ci(r, 'class_accuracy', 'acc_ci', 3)} | "
                      f"{_ci(r, 'mnist_is', 'is_ci', 2)} | {kept} | {r['gflops_per_image']:.2f} | "
                      f"{ratio(r['gflops_per_image'], iso and iso['gflops_per_image'])} | "
-                     f"{'' if train_step is None else f'{train_step:.3f}'} | {ratio(train_step, iso_step)} | "
-                     f"{r['sampling_s_per_step']:.3f} | {ratio(r['sampling_s_per_step'], iso and iso['sampling_s_per_step'])} |")
+                     f"{_seconds(train_step)} | {ratio(train_step, iso_step)} | {_seconds(sample_step)} | {ratio(sample_step, iso_sample)} |")
     return lines
 
 
@@ -202,14 +233,15 @@ def upcycling_table(results: dict, recipe: Recipe) -> list[str]:
     return lines
 
 
-def dydit_table(results: dict, out: Path) -> list[str]:
-    lines = ["| model | GFLOPs / img | sampling s / step | fine-tune s / step | MNIST-FID [95% CI] | class acc [95% CI] |",
+def dydit_table(results: dict, out: Path, timing: dict | None) -> list[str]:
+    lines = [times_note(timing), "", "| model | GFLOPs / img | sampling s / step | fine-tune s / step | MNIST-FID [95% CI] | class acc [95% CI] |",
              "|---|---|---|---|---|---|"]
     for name in ("demo", "demo_finetune", "dydit_demo"):
         if name in results:
-            r, ts = results[name], train_summary(out, name)
-            lines.append(f"| {name} | {r['gflops_per_image']:.2f} | {r['sampling_s_per_step']:.3f} | "
-                         f"{'' if ts is None else format(ts['wall_time_s'] / ts['step'], '.3f')} | {_score_cells(r)} |")
+            r = results[name]
+            train_step, sample_step = step_times(out, name, r, timing)
+            lines.append(f"| {name} | {r['gflops_per_image']:.2f} | {_seconds(sample_step)} | {_seconds(train_step)} | "
+                         f"{_score_cells(r)} |")
     return lines
 
 
@@ -231,7 +263,7 @@ def machine() -> str:
 def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, selection: dict | None, routers: dict,
                  train_runs: list[str], eval_order: list[str] = (), plot: bool = True) -> Path:
     """results.md and results.json; ``plot=False`` keeps the elastic plot as it is (drawing it takes a second)."""
-    results = load_results(out, eval_order)
+    results, timing = load_results(out, eval_order), load_timing(out)
     mse, mse_lines = paired_mse(out, train_runs, recipe)
     verdict_list = verdicts(results, routers, seeds)
     rows = elastic_rows(results)
@@ -249,7 +281,7 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
            f"intervals)."), "",
           "## Table 1 (mean ± std over seeds)", "", *table1(results, mse, seeds), "",
           "## Verdicts", "", *[f"- **({v.claim}) {v.outcome}**: {v.reason}" for v in verdict_list], "",
-          "## Every evaluation", "", *detail_table(results, out), "",
+          "## Every evaluation", "", *detail_table(results, out, timing), "",
           "## Paired training ε-MSE", "", *mse_lines, "",
           "## Elastic inference", ""]
     for model, pts in rows.items():
@@ -257,7 +289,7 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
                                           f"accuracy {r['class_accuracy']:.3f}" for s, r in pts), ""]
     if plot:
         md += [f"![quality against measured FLOPs]({plot})", ""]
-    md += ["## Upcycling (§4.4)", "", *upcycling_table(results, recipe), "", "## DyDiT (§4.5)", "", *dydit_table(results, out), "",
+    md += ["## Upcycling (§4.4)", "", *upcycling_table(results, recipe), "", "## DyDiT (§4.5)", "", *dydit_table(results, out, timing), "",
            "## Routers", *router_tables(routers), "", "## Sample grids (columns = classes 0–9)", ""]
     md += [f"`{n}`: ![]({Path('eval') / n / 'grid.png'})  " for n in results if (out / "eval" / n / "grid.png").exists()]
     path = out / "results.md"
@@ -265,5 +297,5 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
     atomic_write_text(out / "results.json", json.dumps({
         "command": command, "machine": machine(), "recipe": asdict(recipe), "seeds": seeds, "selection": selection,
         "evaluations": results, "paired_mse": mse, "verdicts": [asdict(v) for v in verdict_list],
-        "routers": {n: ra["retention"] for n, ra in routers.items()}}, indent=2))
+        "routers": {n: ra["retention"] for n, ra in routers.items()}, "timing": timing}, indent=2))
     return path

@@ -19,10 +19,14 @@ sys.path.insert(0, str(SCRIPTS))
 import reproduce_mnist
 from mnist_study import rules
 from mnist_study.plan import SMOKE, Evaluation, Recipe, Run, tasks, upcycle_points
-from mnist_study.report import table1
+from mnist_study.report import step_times, table1
+from mnist_study.timing import training_step
 from mnist_study.training import StudyError, dcdit, train_run
 
 from dcdit.checkpoint import read_weights
+from dcdit.config import load_run_config
+from dcdit.train import setup_run, train
+from dcdit.train_log import TrainLogger
 
 
 def _log_rows(path: Path) -> list[dict]:
@@ -67,11 +71,22 @@ def test_smoke_study_runs_end_to_end_and_a_second_invocation_skips_everything(tm
     assert any(float(r["tail_fraction"]) > 0 for r in mb if int(r["step"]) > start)
     assert all(float(r["tail_fraction"]) == 0 for r in dc)
     assert "[train] dcdit_cosine_s0" in first
+    # the timing phase: every seed-0 model's training step and every evaluation setting's sampling step,
+    # and the report's time columns come from it
+    timing = json.loads((out / "timing" / "timing.json").read_text())
+    assert set(timing["train_s_per_step"]) == {"dcdit_release_s0", "isoparam_s0", "isoflop_s0", "random_s0",
+                                               "dcdit_cosine_s0", "demo_finetune", "dydit_demo"}
+    assert {"dcdit_release_s0@tail0.75", "dcdit_release_s0@litecfg", "multibudget_s0@tail0.5", "demo"} <= set(timing["sampling_s_per_step"])
+    assert not any("@step" in n for n in timing["sampling_s_per_step"])
+    assert all(v > 0 for d in ("train_s_per_step", "sampling_s_per_step") for v in timing[d].values())
+    assert "Times: the timing phase" in md and report["timing"] == timing
+    iso = next(line for line in md.splitlines() if line.startswith("| isoflop_s0 |"))
+    assert iso.endswith(f"| {timing['train_s_per_step']['isoflop_s0']:.3f} | 1.00 | {timing['sampling_s_per_step']['isoflop_s0']:.3f} | 1.00 |")
 
-    marks = {p: p.stat().st_mtime_ns for p in out.glob("**/*") if p.name in ("result.json", "train_summary.json")}
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("**/*") if p.name in ("result.json", "train_summary.json", "timing.json")}
     assert reproduce_mnist.main(["--out", str(out), "--smoke", "--seeds", "0", "--threads", "1"]) == 0
     second = capsys.readouterr().out
-    assert "to step" not in second and "chunk" not in second and "[router]" not in second
+    assert "to step" not in second and "chunk" not in second and "[router]" not in second and "[timing]" not in second
     assert marks == {p: p.stat().st_mtime_ns for p in marks}
 
 
@@ -98,6 +113,37 @@ def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, capsy
     assert [int(x["step"]) for x in _log_rows(part / run.name / "log.csv")] == list(range(1, 7))
 
 
+def test_the_timed_training_step_is_dcdit_trains_step(tmp_path):
+    """What the timing phase times is the real step: two timed steps from a fresh run give the weights,
+    EMA and optimizer state that `dcdit.train` gives after two steps, bit for bit (a timed step that
+    skipped the ratio loss, the EMA or the step's own draws would differ)."""
+    cfg = load_run_config("mnist-release", [*SMOKE.model_overrides, *SMOKE.train_overrides, "train.steps=2",
+                                            "train.ckpt_every=100", "train.log_every=100"])
+    train(cfg, tmp_path / "real", progress=False)
+    real = read_weights(tmp_path / "real" / "checkpoints" / "0000002" / "ema.safetensors")[0]
+    run = setup_run(cfg, tmp_path / "timed", resume=False, device="cpu")
+    run.model.train()
+    logger = TrainLogger(run.cfg, run.run_dir, run.dist, total_steps=2, start_step=0, resume_step=None, progress=False)
+    training_step(run, logger)
+    training_step(run, logger)
+    logger.close()
+    timed = run.ema.state_dict()
+    assert run.step == 2 and real.keys() == timed.keys()
+    assert all(torch.equal(real[k], timed[k]) for k in real)
+
+
+def test_step_times_come_from_one_source():
+    """Before the timing phase: the run's wall time per step and the evaluation's own sampling time;
+    after it: only the timing phase's numbers (None where it timed nothing, never the wall time)."""
+    out = Path("/nonexistent")
+    r = {"sampling_s_per_step": 0.5}
+    assert step_times(out, "x_s1@tail0.5", r, None) == (None, 0.5)
+    timing = {"train_s_per_step": {"dcdit_release_s0": 1.25}, "sampling_s_per_step": {"dcdit_release_s0@tail0.5": 0.25}}
+    assert step_times(out, "dcdit_release_s0", r, timing) == (1.25, None)
+    assert step_times(out, "dcdit_release_s0@tail0.5", r, timing) == (None, 0.25)
+    assert step_times(out, "dcdit_release_s1", r, timing) == (None, None)
+
+
 def test_a_failing_dcdit_command_ends_in_one_line_naming_its_log(tmp_path):
     """The subprocess launcher (what the real study uses): a failure raises StudyError naming the log."""
     log = tmp_path / "logs" / "x.log"
@@ -122,6 +168,8 @@ def test_the_plan_trains_seed_0_of_the_main_three_first_and_the_cosine_router_la
     mb = next(t for t in plan if isinstance(t, Run) and t.name == "multibudget_s0")
     assert "train.multi_budget.fractions=[0.0,0.1,0.2,0.3,0.4,0.5,0.6]" in mb.overrides and mb.branch == ("dcdit_release_s0", 375)
     assert all(not any("noise_schedule=linear" in o for o in t.overrides) for t in plan if isinstance(t, Run))
+    timing = plan[-1]  # last: it needs every timed run finished
+    assert timing.phase == "timing" and "dcdit_cosine_s0" in timing.needs and "isoflop_s1" not in timing.needs
 
 
 # ------------------------------------------------------------------------------------- the rules
