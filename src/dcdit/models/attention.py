@@ -9,6 +9,9 @@
 
   - ``flash_attn_varlen_func`` (the authors' release) on CUDA with fp16/bf16 q/k/v when ``flash-attn``
     is installed;
+  - on CPU with several threads and segments of more than one length, whole segments spread over
+    the threads, one intra-op thread each (``models/segment_threads.py``: the kernel parallelises a
+    single short sequence poorly);
   - everywhere else, SDPA once per segment, segments of equal length batched into one call.
 
     Measured on the 2-core CPU, forward + backward (``benchmarks/bench_varlen_attention.py``,
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from . import segment_threads
 
 if TYPE_CHECKING:  # pragma: no cover
     from .packing import Packing
@@ -58,7 +63,16 @@ def varlen_attention(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     """qkv (T, 3, heads, hd) packed by ``packing`` -> (T, heads, hd); each segment attends to itself."""
     if use_flash(qkv):
         return flash_varlen(*qkv.unbind(1), packing)
+    if use_segment_threads(qkv, packing):
+        return segment_threads.segment_attention(qkv, packing.sizes, packing.starts)
     return sdpa_per_segment(qkv, packing)
+
+
+def use_segment_threads(qkv: torch.Tensor, packing: "Packing") -> bool:
+    """CPU, more than one thread, segments of more than one length (all equal: one batched SDPA call
+    is faster, docs/benchmarks.md)."""
+    return (segment_threads.AVAILABLE and qkv.device.type == "cpu" and torch.get_num_threads() > 1
+            and len(set(packing.sizes)) > 1)
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:

@@ -17,6 +17,7 @@ runs attention, ``real(x)`` marks the real tokens and ``select(rows)`` restricts
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,11 @@ class Packing:
     @property
     def max_len(self) -> int:
         return max(self.sizes)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """The first row of every segment, as Python ints."""
+        return tuple(itertools.accumulate(self.sizes[:-1], initial=0))
 
     def per_token(self, v: torch.Tensor) -> torch.Tensor:
         """(B, K) per-sample values -> (T, K), row t taking its sample's values."""
