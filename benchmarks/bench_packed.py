@@ -62,6 +62,19 @@ def dcdit_pair(cfg: DCDiTConfig, seed: int):
     return {"packed": packed, "padded": in_execution(packed, "padded")}
 
 
+def add_ratios(rows: dict, base: str) -> None:
+    """Time, MAC and time-per-MAC ratios of every row to ``base``. ``paired_time_per_mac_ratio`` is the
+    median over rounds of each round's own ratio: the rounds interleave the models, so a drift of the
+    machine's speed during the run (±20% seen on this VM, docs/benchmarks.md) cancels in it, while
+    the ratio of the medians keeps it."""
+    b = rows[base]
+    for r in rows.values():
+        r["time_ratio"] = r["sec"] / b["sec"]
+        r["mac_ratio"] = r["macs"] / b["macs"]
+        r["time_per_mac_ratio"] = r["time_ratio"] / r["mac_ratio"]
+        r["paired_time_per_mac_ratio"] = median([x / y for x, y in zip(r["sec_all"], b["sec_all"])]) / r["mac_ratio"]
+
+
 def mean_macs(cfg: DCDiTConfig, execution: str, record) -> float:
     """Mean MACs per sample of the forward pass that produced ``record``, as ``execution`` runs it."""
     return sum(record_components(dataclasses.replace(cfg, execution=execution), [record]).values())
@@ -103,10 +116,7 @@ def spread_forward(args) -> dict:
         padded_cfg = dataclasses.replace(cfg, execution="padded")
         macs_at = sum(mean_components(padded_cfg, [M] * B).values()) if ex == "padded" else None  # the padded batch's work
         rows[name] = dict(sec=median(secs[name]), macs=mean_macs(cfg, ex, rec), macs_padded=macs_at, sec_all=secs[name])
-    for r in rows.values():
-        r["time_ratio"] = r["sec"] / rows["DiT/2"]["sec"]
-        r["mac_ratio"] = r["macs"] / dit_macs_
-        r["time_per_mac_ratio"] = r["time_ratio"] / r["mac_ratio"]
+    add_ratios(rows, "DiT/2")
     out = dict(config=dataclasses.asdict(cfg), dit_config=dataclasses.asdict(dit_cfg), fractions=SPREAD_FRACTIONS,
                kept_counts=counts, padded_M=int(rec.kept_count.max()), rows=rows)
     out["breakdown"] = {ex: forward_breakdown(dc[ex], (x, t, y, fractions), cfg, rec, args) for ex in ("packed", "padded")}
@@ -214,12 +224,9 @@ def training_step(args) -> dict:
     rows = {"isoflop DiT/2": dict(sec=median(secs["isoflop DiT/2"]), macs=dit_macs(iso_cfg).total)}
     for ex in ("packed", "padded"):
         rows[f"DC-DiT {ex}"] = dict(sec=median(secs[f"DC-DiT {ex}"]), macs=mean_macs(dc_cfg, ex, rec))
-    base = rows["isoflop DiT/2"]
     for name, r in rows.items():
         r["sec_all"] = secs[name]
-        r["time_ratio"] = r["sec"] / base["sec"]
-        r["mac_ratio"] = r["macs"] / base["macs"]
-        r["time_per_mac_ratio"] = r["time_ratio"] / r["mac_ratio"]
+    add_ratios(rows, "isoflop DiT/2")
     out = dict(batch=args.train_batch, kept_counts=counts, padded_M=max(counts), dit_config=dataclasses.asdict(iso_cfg),
                rows=rows)
     if args.profile:
@@ -258,10 +265,12 @@ def profile_training_step(model, opt, diffusion, batch, args) -> dict:
 
 def print_rows(title: str, rows: dict, base: str) -> None:
     print(title)
-    print(f"    {'model':<18}{'s (median)':>12}{'time ratio':>12}{'MAC ratio':>11}{'time/MAC':>10}")
+    print(f"    {'model':<18}{'s (median)':>12}{'time ratio':>12}{'MAC ratio':>11}{'time/MAC':>10}{'paired':>8}")
     for name, r in rows.items():
-        print(f"    {name:<18}{r['sec']:>12.4f}{r['time_ratio']:>12.3f}{r['mac_ratio']:>11.3f}{r['time_per_mac_ratio']:>10.3f}")
-    print(f"    (ratios to {base}; MACs per sample from dcdit.flops, DC-DiT at each sample's own kept count)")
+        print(f"    {name:<18}{r['sec']:>12.4f}{r['time_ratio']:>12.3f}{r['mac_ratio']:>11.3f}{r['time_per_mac_ratio']:>10.3f}"
+              f"{r['paired_time_per_mac_ratio']:>8.3f}")
+    print(f"    (ratios to {base}; MACs per sample from dcdit.flops, DC-DiT at each sample's own kept count; paired:\n"
+          f"     the median of the per-round time/MAC ratios, robust to the machine's speed drifting during the run)")
 
 
 def print_report(res: dict, args) -> None:

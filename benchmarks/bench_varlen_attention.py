@@ -8,6 +8,9 @@ hd) sequence. Candidates (``models/attention.py`` uses the winner on every non-f
   padded execution computes, padded rows included);
 * ``per-segment``: ``dcdit.models.attention.sdpa_per_segment`` — SDPA once per segment, equal lengths
   batched into one call;
+* ``segment-threads``: ``dcdit.models.segment_threads`` — the same kernel once per segment in the
+  forward, the backward's segments spread over single-threaded workers (what the packed path runs
+  on CPU with several threads and more than one length; equal to ``per-segment`` at 1 thread);
 * ``nested``: nested jagged tensors (``torch.nested.nested_tensor_from_jagged``) through SDPA;
 * ``block-diagonal``: one SDPA over all T tokens with a (T, T) same-segment mask.
 
@@ -15,6 +18,8 @@ Every backend is checked against ``per-segment`` before timing; a backend that f
 reported with its error. Times are medians of interleaved rounds.
 
     python benchmarks/bench_varlen_attention.py --threads 2
+    python benchmarks/bench_varlen_attention.py --threads 2 --sweep   # per-segment vs segment-threads by
+                                                                      # segment count, heads and head dim
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common import interleaved, median
+from dcdit.models import segment_threads
 from dcdit.models.attention import sdpa_per_segment
 from dcdit.models.packing import Packing
 
@@ -59,7 +65,12 @@ def block_diagonal(qkv, packing):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=same)[0].transpose(0, 1)
 
 
-BACKENDS = {"padded": padded, "per-segment": sdpa_per_segment, "nested": nested, "block-diagonal": block_diagonal}
+def threaded(qkv, packing):
+    return segment_threads.segment_attention(qkv, packing.sizes, packing.starts)
+
+
+BACKENDS = {"padded": padded, "per-segment": sdpa_per_segment, "segment-threads": threaded, "nested": nested,
+            "block-diagonal": block_diagonal}
 
 
 def fwd_bwd(fn, qkv, packing):
@@ -69,13 +80,37 @@ def fwd_bwd(fn, qkv, packing):
     return run
 
 
+#: The sweep behind ``models/attention.py``'s WORK_PER_THREAD: segment counts and (heads, head dim).
+SWEEP_SEGMENTS = (8, 16, 32)
+SWEEP_HEADS = ((4, 24), (2, 48), (6, 24), (4, 64), (6, 64), (12, 64), (16, 72))
+
+
+def sweep(rounds: int) -> None:
+    """segment-threads / per-segment forward + backward time, segments of 120–340 tokens."""
+    print(f"{torch.get_num_threads()} thread(s); segment-threads time / per-segment time, forward + backward, "
+          f"median of {rounds} interleaved rounds")
+    for count in SWEEP_SEGMENTS:
+        packing = Packing.from_counts(torch.tensor([random.Random(i).randint(120, 340) for i in range(count)]))
+        for heads, hd in SWEEP_HEADS:
+            qkv = torch.randn(packing.total, 3, heads, hd, generator=torch.Generator().manual_seed(0))
+            fns = {"per-segment": fwd_bwd(sdpa_per_segment, qkv, packing), "segment-threads": fwd_bwd(threaded, qkv, packing)}
+            secs, _ = interleaved(fns, rounds, 1)
+            a, b = median(secs["per-segment"]), median(secs["segment-threads"])
+            work = sum(n * n for n in packing.sizes) * heads * hd
+            print(f"  {count:3d} segments, {heads:2d} heads × {hd:2d} (Σ n²·D {work:.2g}): per-segment {a * 1e3:7.1f} ms, "
+                  f"segment-threads {b * 1e3:7.1f} ms, ratio {b / a:.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--sweep", action="store_true", help="only the segment-threads sweep")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        return sweep(args.rounds)
     warnings.filterwarnings("ignore")  # nested tensors are a prototype API and say so at every call
     print(f"{torch.get_num_threads()} thread(s); forward + backward, median of {args.rounds} interleaved rounds")
     for name, sizes, heads, hd in CASES:
@@ -92,7 +127,7 @@ def main() -> None:
                 errors[backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
         secs, _ = interleaved(fns, args.rounds, 1)
         base = median(secs["per-segment"])
-        print(f"\n{name}: lengths {min(sizes)}–{max(sizes)}, T = {sum(sizes)}")
+        print(f"\n{name}: lengths {min(sizes)}–{max(sizes)}, T = {sum(sizes)}, Σ n²·D = {sum(n * n for n in sizes) * heads * hd:.2g}")
         for backend in BACKENDS:
             if backend in errors:
                 print(f"  {backend:<16} failed: {errors[backend]}")

@@ -113,7 +113,13 @@ def test_balanced_shares_cover_every_segment_once_with_close_loads(sizes, parts)
     assert max(loads) - min(loads) <= max(n * n for n in sizes)
 
 
-@pytest.mark.parametrize("threads,sizes,expected", [(2, [5, 6, 5], "threads"), (1, [5, 6, 5], "sdpa"), (2, [6, 6, 6], "sdpa")])
+BIG = [300, 310] * 8  # Σ n² · 96 = 1.4e8 ≥ 2 threads · WORK_PER_THREAD
+SMALL = [150, 160] * 8  # 3.7e7: below it
+
+
+@pytest.mark.parametrize("threads,sizes,expected", [(2, BIG, "threads"), (1, BIG, "sdpa"), (2, [300] * 16, "sdpa"),
+                                                    (2, SMALL, "sdpa")],
+                         ids=["2-threads-enough-work", "1-thread", "all-equal", "little-work"])
 def test_varlen_attention_uses_the_workers_only_where_they_are_faster(monkeypatch, threads, sizes, expected):
     n = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -9,9 +9,9 @@
 
   - ``flash_attn_varlen_func`` (the authors' release) on CUDA with fp16/bf16 q/k/v when ``flash-attn``
     is installed;
-  - on CPU with several threads and segments of more than one length, whole segments spread over
-    the threads, one intra-op thread each (``models/segment_threads.py``: the kernel parallelises a
-    single short sequence poorly);
+  - on CPU with several threads, enough attention work and more than one length: one call per
+    segment, the backward's segments spread over single-threaded workers
+    (``models/segment_threads.py``: the kernel's backward parallelises one short sequence poorly);
   - everywhere else, SDPA once per segment, segments of equal length batched into one call.
 
     Measured on the 2-core CPU, forward + backward (``benchmarks/bench_varlen_attention.py``,
@@ -68,11 +68,20 @@ def varlen_attention(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     return sdpa_per_segment(qkv, packing)
 
 
+#: Attention work Σ n²·(heads·hd) per thread from which the workers pay. Measured on the 2-core CPU
+#: (``bench_varlen_attention.py --sweep``, docs/benchmarks.md): forward + backward time against
+#: per-segment SDPA 0.66–0.96× for every batch with Σ n²·D ≥ 1.3·10⁸, 1.05–1.27× for every one with
+#: Σ n²·D ≤ 0.96·10⁸ (8 to 32 segments of 77–340 tokens, D = heads·hd from 96 to 1152).
+WORK_PER_THREAD = 5 * 10**7
+
+
 def use_segment_threads(qkv: torch.Tensor, packing: "Packing") -> bool:
-    """CPU, more than one thread, segments of more than one length (all equal: one batched SDPA call
-    is faster, docs/benchmarks.md)."""
-    return (segment_threads.AVAILABLE and qkv.device.type == "cpu" and torch.get_num_threads() > 1
-            and len(set(packing.sizes)) > 1)
+    """CPU, more than one thread, enough attention work, more than one length (all equal: one
+    batched SDPA call is faster)."""
+    threads = torch.get_num_threads()
+    if not (segment_threads.AVAILABLE and qkv.device.type == "cpu" and threads > 1 and len(set(packing.sizes)) > 1):
+        return False
+    return sum(n * n for n in packing.sizes) * qkv.shape[2] * qkv.shape[3] >= WORK_PER_THREAD * threads
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:

@@ -7,11 +7,10 @@ n ≈ 263, 4 heads, hd 24: 1.45× from 1 to 2 threads), its backward hardly does
 sequences: 1.45×). So the forward runs segment after segment on the caller's threads, and the
 backward gives each thread whole segments (shares of about equal Σ n² work) run single-threaded.
 Measured on the 2-core CPU, 2 threads, against per-segment SDPA (``sdpa_per_segment``), forward +
-backward of one inner block's attention: the MNIST training step's 32 segments 75 → 63 ms (the
-backward 51 → 41 ms), 32 equal lengths 109 → 80 ms, 8 lengths × 4 67 → 66 ms; the forward alone of a
-guided sampling batch (200 segments) 160 → 133 ms, because one call per segment is cheaper than
-regrouping the rows by length (docs/benchmarks.md; medians of 11 rounds on a machine whose speed
-drifted by ±20% during the session, so read them as ~15% for training).
+backward over packed segments of 120–340 tokens (docs/benchmarks.md, "Attention backends on CPU"):
+0.68–0.88× the time with 16 or 32 segments for every (heads, head dim) tried from (4, 24) to
+(16, 72); with 8 segments 0.78–1.27×, so ``models/attention.py`` uses it from 8 segments per thread.
+In a whole MNIST training step (batch 32, 4 heads of 24) the step takes 0.95× the time.
 
 Exactness: the forward calls the kernel ``F.scaled_dot_product_attention`` picks on CPU
 (``aten._scaled_dot_product_flash_attention_for_cpu``) on the same inputs and threads: outputs equal
