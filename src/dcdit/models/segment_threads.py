@@ -46,7 +46,7 @@ def worker_pool(threads: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_key != (threads, os.getpid()):
             if _pool is not None and _pool_key[1] == os.getpid():
                 _pool.shutdown(wait=True)
-            ready = threading.Barrier(threads + 1)
+            ready = threading.Barrier(threads + 1, timeout=60)  # a worker that fails to start raises, never hangs
 
             def single_threaded():
                 torch.set_num_threads(1)
