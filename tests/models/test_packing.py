@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from dcdit.config import build_model, model_config_from_dict
+from dcdit.models import attention, segment_threads
 from dcdit.models.dydit import dydit_flops_loss, set_dydit_execution
 from dcdit.models.packing import Packing, Padded, as_layout
 from dcdit.ratio_loss import ratio_loss
@@ -136,6 +137,35 @@ def test_packed_equals_padded_outputs_and_gradients(helpers, monkeypatch, dydit,
         for field in ("head_mask", "group_mask", "token_mask", "real_mask"):
             assert torch.equal(getattr(rec_k.dydit, field), getattr(rec_d.dydit, field)), field
         assert 0 < float(rec_k.dydit.token_mask.detach()[rec_k.dydit.real_mask.expand_as(rec_k.dydit.token_mask)].mean()) < 1
+
+
+@pytest.mark.parametrize("dydit", [False, True], ids=["plain", "dydit"])
+def test_packed_equals_padded_with_the_attention_backward_on_worker_threads(helpers, monkeypatch, dydit):
+    """The segment-threads attention (models/segment_threads.py) inside the whole model: its rule
+    lowered to 0 so that the tiny batch qualifies, 2 threads. Same bounds as the fp32 case above;
+    catches a layout of the block's qkv that the per-segment kernel calls read wrongly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(attention, "WORK_PER_THREAD", 0)
+    used = []
+    real = segment_threads.segment_attention
+    monkeypatch.setattr(segment_threads, "segment_attention", lambda *a: used.append(1) or real(*a))
+    try:
+        model = spread_model(helpers, dydit=dydit).train()
+        if dydit:
+            helpers.mix_dydit_routers_(model)
+        x, t, y = helpers.tiny_inputs(6)
+        monkeypatch.setattr(torch, "rand", noise_free_rand)
+        cfg = model_config_from_dict(dict(helpers.TINY_DCDIT, dydit=True)) if dydit else None
+        res = run_both(model, x, t, y, False, cfg)
+    finally:
+        torch.set_num_threads(n)
+    assert used, "the worker-thread attention did not run"
+    (out_k, _, g_k), (out_d, _, g_d) = res["packed"], res["padded"]
+    torch.testing.assert_close(out_k, out_d, atol=1e-5, rtol=0)
+    for name in g_d:
+        torch.testing.assert_close(g_k[name], g_d[name], atol=1e-5 * float(g_d[name].abs().max().clamp_min(1e-6)), rtol=0,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("dydit", [False, True], ids=["plain", "dydit-sliced"])
