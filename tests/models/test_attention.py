@@ -108,3 +108,49 @@ def test_kernel_choice_sees_bf16_under_cpu_autocast(flash_on_cpu, helpers):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(x, t, y)
     assert [dtype for dtype, _ in flash_on_cpu.calls] == [torch.bfloat16] * len(model.blocks)
+
+
+@pytest.fixture
+def torch_varlen_on_cpu(monkeypatch):
+    """The CUDA branch without flash-attn: torch's varlen_attn replaced by the stand-in, CPU allowed."""
+    stand_in = ExactFlashStandIn()
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention, "torch_varlen_attn", stand_in)
+    monkeypatch.setattr(attention, "FLASH_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "FLASH_DTYPES", (torch.float32,))
+    return stand_in
+
+
+def test_without_flash_attn_the_packed_model_runs_torchs_varlen_kernel(torch_varlen_on_cpu, helpers):
+    """Same contract as flash-attn's: the packed model through the stand-in equals padded SDPA."""
+    model = helpers.randomize_(helpers.make_model(helpers.TINY_DCDIT, class_dropout_prob=0.0)).eval()
+    x, t, y = helpers.tiny_inputs(4)
+    fractions = torch.tensor([0.0, 0.8, 0.4, 0.2])
+    outs = {}
+    with torch.no_grad():
+        for execution in ("packed", "padded"):
+            model.execution = execution
+            outs[execution], rec = model(x, t, y, fractions)
+    assert torch_varlen_on_cpu.calls == [(torch.float32, [0, *rec.kept_count.cumsum(0).tolist()])] * len(model.blocks)
+    torch.testing.assert_close(outs["packed"], outs["padded"], atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_kernel_choice(monkeypatch):
+    """flash-attn when installed; else torch's kernel on compute capability ≥ 8.0; else none (per-segment
+    SDPA), and never for fp32 q/k/v. Also: this torch's varlen_attn takes the positional call we make."""
+    import inspect
+    from types import SimpleNamespace
+
+    assert attention.torch_varlen_attn is not None  # torch 2.13 ships it
+    inspect.signature(attention.torch_varlen_attn).bind("q", "k", "v", "cu", "cu", 7, 7)
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    flash = object()
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", flash)
+    assert attention.varlen_kernel(q) is flash
+    assert attention.varlen_kernel(SimpleNamespace(device=q.device, dtype=torch.float32)) is None
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert attention.varlen_kernel(q) is attention.torch_varlen_attn
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert attention.varlen_kernel(q) is None
+    assert attention.varlen_kernel(torch.zeros(1, dtype=torch.bfloat16)) is None  # CPU

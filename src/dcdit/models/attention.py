@@ -8,7 +8,9 @@
   the block's input stays fp32 after LayerNorm and says nothing):
 
   - ``flash_attn_varlen_func`` (the authors' release) on CUDA with fp16/bf16 q/k/v when ``flash-attn``
-    is installed;
+    is installed; without it, PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.10,
+    the same flash kernel shipped with torch and the same (T, heads, hd) / cu_seqlens contract) on
+    GPUs of compute capability 8.0 or newer;
   - on CPU with several threads, enough attention work and more than one length: one call per
     segment, the backward's segments spread over single-threaded workers
     (``models/segment_threads.py``: the kernel's backward parallelises one short sequence poorly);
@@ -39,17 +41,28 @@ try:  # optional GPU kernel
     from flash_attn import flash_attn_varlen_func  # type: ignore
 except Exception:  # pragma: no cover - not installed on CPU machines
     flash_attn_varlen_func = None
+try:  # torch's own varlen flash attention (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # pragma: no cover - torch < 2.10
+    torch_varlen_attn = None
 
 
-#: Where ``flash_attn_varlen_func`` runs: device types and q/k/v dtypes (tests swap in a CPU stand-in).
+#: Where a varlen flash kernel runs: device types and q/k/v dtypes (tests swap in a CPU stand-in).
 FLASH_DEVICES = ("cuda",)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def use_flash(q: torch.Tensor) -> bool:
-    """True when ``flash_attn_varlen_func`` can run on q: installed, CUDA, fp16 or bf16 (under autocast
-    the qkv Linear's output is bf16 even though the block's fp32 input is not)."""
-    return flash_attn_varlen_func is not None and q.device.type in FLASH_DEVICES and q.dtype in FLASH_DTYPES
+def varlen_kernel(q: torch.Tensor):
+    """The varlen flash kernel for q, or None: on a flash device with fp16 / bf16 q (under autocast the
+    qkv Linear's output is bf16 even though the block's fp32 input is not), flash-attn's when
+    installed, else torch's own on a GPU that has its kernel (compute capability ≥ 8.0)."""
+    if q.device.type not in FLASH_DEVICES or q.dtype not in FLASH_DTYPES:
+        return None
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func
+    if torch_varlen_attn is not None and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) >= (8, 0)):
+        return torch_varlen_attn
+    return None
 
 
 def padded_attention(qkv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
@@ -61,8 +74,9 @@ def padded_attention(qkv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.T
 
 def varlen_attention(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     """qkv (T, 3, heads, hd) packed by ``packing`` -> (T, heads, hd); each segment attends to itself."""
-    if use_flash(qkv):
-        return flash_varlen(*qkv.unbind(1), packing)
+    kernel = varlen_kernel(qkv)
+    if kernel is not None:
+        return flash_varlen(kernel, *qkv.unbind(1), packing)
     if use_segment_threads(qkv, packing):
         return segment_threads.segment_attention(qkv, packing.sizes, packing.starts)
     return sdpa_per_segment(qkv, packing)
@@ -84,10 +98,11 @@ def use_segment_threads(qkv: torch.Tensor, packing: "Packing") -> bool:
     return sum(n * n for n in packing.sizes) * qkv.shape[2] * qkv.shape[3] >= WORK_PER_THREAD * threads
 
 
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:
-    """The flash-attn varlen call: q, k, v (T, heads, hd) in the packed order, int32 offsets on q's device."""
+def flash_varlen(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: "Packing") -> torch.Tensor:
+    """The varlen call (both kernels take q, k, v, cu_q, cu_k, max_q, max_k; full attention and the
+    1/√hd scale by default): q, k, v (T, heads, hd) in the packed order, int32 offsets on q's device."""
     cu = packing.cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return flash_attn_varlen_func(q, k, v, cu, cu, packing.max_len, packing.max_len)
+    return kernel(q, k, v, cu, cu, packing.max_len, packing.max_len)
 
 
 def _sdpa(qkv: torch.Tensor) -> torch.Tensor:

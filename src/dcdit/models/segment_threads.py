@@ -124,9 +124,17 @@ class SegmentAttention(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """CPU autocast's dtype when it is on (torch >= 2.4 names it per device; older torch has the CPU calls)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None  # pragma: no cover
+
+
 def segment_attention(qkv: torch.Tensor, sizes: tuple[int, ...], starts: tuple[int, ...]) -> torch.Tensor:
     """Per-segment attention on the worker threads (see the module doc). Under CPU autocast the inputs
     are cast as ``F.scaled_dot_product_attention`` casts them, so the result is the same."""
-    if torch.is_autocast_enabled("cpu"):
-        qkv = qkv.to(torch.get_autocast_dtype("cpu"))
+    dtype = _cpu_autocast_dtype()
+    if dtype is not None:
+        qkv = qkv.to(dtype)
     return SegmentAttention.apply(qkv, sizes, starts, torch.get_num_threads())
