@@ -3,7 +3,7 @@
 * **Padded** (B, M, ·): PyTorch's ``scaled_dot_product_attention`` with an optional key-padding mask
   (B, M) bool, True = real token. DiT's blocks and DC-DiT's reference path (``execution: padded``).
 * **Packed** (T, ·), T = Σ_b n_b tokens of B samples back to back, segment offsets ``cu_seqlens``
-  (B + 1,): attention never crosses a segment boundary. Two backends, chosen per call from q's
+  (B + 1,): attention never crosses a segment boundary. Three backends, chosen per call from q's
   dtype and device (so bf16 autocast, which makes the qkv Linear's output bf16, selects the kernel;
   the block's input stays fp32 after LayerNorm and says nothing):
 
@@ -14,7 +14,7 @@
   - on CPU with several threads, enough attention work and more than one length: one call per
     segment, the backward's segments spread over single-threaded workers
     (``models/segment_threads.py``: the kernel's backward parallelises one short sequence poorly);
-  - everywhere else, SDPA once per segment, segments of equal length batched into one call.
+  - everywhere else, SDPA once per segment (one batched call when all segments have one length).
 
     Measured on the 2-core CPU, forward + backward (``benchmarks/bench_varlen_attention.py``,
     docs/benchmarks.md): per-segment SDPA beats the padded masked SDPA (it computes no padded row and
@@ -114,12 +114,11 @@ def _sdpa(qkv: torch.Tensor) -> torch.Tensor:
 def sdpa_per_segment(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     """SDPA over every segment of a packed (T, 3, heads, hd) tensor -> (T, heads, hd).
 
-    Segments of equal length share one batched call: the rows are permuted once so that every
-    length's segments are adjacent (one gather forward, one scatter backward — per-group gathers
-    would write a full-size gradient per group), and the outputs are permuted back."""
-    if packing.all_lengths_differ:
-        return torch.cat([_sdpa(seg[None])[0] for seg in qkv.split(packing.sizes)])
-    order, inverse, groups = packing.length_order()
-    parts = qkv.index_select(0, order).split([k * n for n, k in groups])
-    out = torch.cat([_sdpa(part.unflatten(0, (k, n))).flatten(0, 1) for part, (n, k) in zip(parts, groups)])
-    return out.index_select(0, inverse)
+    Segments all of one length: one batched call on a view of the rows. Otherwise one call per
+    segment, cut with one ``split``. Regrouping the rows of equal-length segments by a permutation so
+    that they share calls (what this did until 2026-12-01) cost more than it saved: forward + backward
+    took 1.07–1.26× the time of this on the MNIST training and sampling batches, 1 and 2 threads
+    (``bench_varlen_attention.py``, backend ``grouped``; docs/benchmarks.md)."""
+    if len(set(packing.sizes)) == 1:
+        return _sdpa(qkv.unflatten(0, (packing.batch, packing.sizes[0]))).flatten(0, 1)
+    return torch.cat([_sdpa(seg[None])[0] for seg in qkv.split(packing.sizes)])

@@ -18,7 +18,7 @@ runs attention, ``real(x)`` marks the real tokens and ``select(rows)`` restricts
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,6 @@ class Packing:
     sizes: tuple[int, ...]
     cu_seqlens: torch.Tensor
     seg_ids: torch.Tensor
-    _length_order: tuple | None = field(default=None, repr=False)
 
     @staticmethod
     def from_counts(counts: torch.Tensor) -> "Packing":
@@ -102,25 +101,6 @@ class Packing:
     def real(self, x: torch.Tensor) -> torch.Tensor:
         """(T,) bool, all True: a packed sequence has no padding."""
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-
-    @property
-    def all_lengths_differ(self) -> bool:
-        return len(set(self.sizes)) == len(self.sizes)
-
-    def length_order(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-        """Rows regrouped by segment length: (order (T,) with the k segments of each length n back to
-        back, its inverse permutation, [(n, k)] in that order)."""
-        if self._length_order is None:
-            starts = self.cu_seqlens[:-1].long()
-            by_len: dict[int, list[int]] = {}
-            for b, n in enumerate(self.sizes):
-                by_len.setdefault(n, []).append(b)
-            dev = starts.device
-            rows = [(starts[torch.tensor(segs, device=dev)][:, None] + torch.arange(n, device=dev)).reshape(-1)
-                    for n, segs in by_len.items()]
-            order = torch.cat(rows)
-            self._length_order = (order, torch.argsort(order), [(n, len(segs)) for n, segs in by_len.items()])
-        return self._length_order
 
     def select(self, rows: torch.Tensor) -> tuple[torch.Tensor, "Packing"]:
         """The samples ``rows`` (ascending): (their packed row positions (T',), their packing)."""
