@@ -101,6 +101,17 @@ def run_both(model, x, t, y, bf16: bool, dydit_cfg=None):
     return results
 
 
+def spread_batch_both_ways(helpers, monkeypatch, dydit: bool, bf16: bool) -> dict:
+    """The spread model (plain or with mixed DyDiT routers) on 6 samples, noise-free, in both executions."""
+    model = spread_model(helpers, dydit=dydit).train()
+    if dydit:
+        helpers.mix_dydit_routers_(model)
+    x, t, y = helpers.tiny_inputs(6)
+    monkeypatch.setattr(torch, "rand", noise_free_rand)
+    cfg = model_config_from_dict(dict(helpers.TINY_DCDIT, dydit=True)) if dydit else None
+    return run_both(model, x, t, y, bf16, cfg)
+
+
 @pytest.mark.parametrize("dydit", [False, True], ids=["plain", "dydit"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_packed_equals_padded_outputs_and_gradients(helpers, monkeypatch, dydit, bf16):
@@ -110,13 +121,7 @@ def test_packed_equals_padded_outputs_and_gradients(helpers, monkeypatch, dydit,
     resolution: outputs within 2 bf16 steps (2⁻⁷ relative) of their scale, gradients within 3%.
     Catches cross-sample attention, a wrong segment order, modulators expanded to the wrong rows,
     a de-chunk reading the wrong cells, and lost gradients (e.g. to the router through the de-chunk)."""
-    model = spread_model(helpers, dydit=dydit).train()
-    if dydit:
-        helpers.mix_dydit_routers_(model)
-    x, t, y = helpers.tiny_inputs(6)
-    monkeypatch.setattr(torch, "rand", noise_free_rand)
-    cfg = model_config_from_dict(dict(helpers.TINY_DCDIT, dydit=True)) if dydit else None
-    res = run_both(model, x, t, y, bf16, cfg)
+    res = spread_batch_both_ways(helpers, monkeypatch, dydit, bf16)
     (out_k, rec_k, g_k), (out_d, rec_d, g_d) = res["packed"], res["padded"]
     assert torch.equal(rec_k.kept_count, rec_d.kept_count)
     counts = rec_k.kept_count.tolist()
@@ -146,13 +151,7 @@ def test_packed_equals_padded_with_the_attention_backward_on_worker_threads(help
     real = segment_threads.segment_attention
     monkeypatch.setattr(segment_threads, "segment_attention", lambda *a: used.append(1) or real(*a))
     try:
-        model = spread_model(helpers, dydit=dydit).train()
-        if dydit:
-            helpers.mix_dydit_routers_(model)
-        x, t, y = helpers.tiny_inputs(6)
-        monkeypatch.setattr(torch, "rand", noise_free_rand)
-        cfg = model_config_from_dict(dict(helpers.TINY_DCDIT, dydit=True)) if dydit else None
-        res = run_both(model, x, t, y, False, cfg)
+        res = spread_batch_both_ways(helpers, monkeypatch, dydit, bf16=False)
     finally:
         torch.set_num_threads(n)
     assert used, "the worker-thread attention did not run"
