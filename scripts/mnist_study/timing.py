@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 from dcdit.checkpoint import find_checkpoint, load_model, load_state_dict_checked, read_weights
-from dcdit.sampling import generate
 from dcdit.train import TrainingRun, accumulate_gradients, draw_step, optimizer_update, setup_run
 from dcdit.train_log import TrainLogger
 from dcdit.utils import atomic_write_text
 
-from .evaluation import Protocol
+from .evaluation import Protocol, sample_chunk
 from .plan import Evaluation, Recipe, Timing
 
 def trainer(run_dir: Path, scratch: Path) -> tuple[TrainingRun, TrainLogger]:
@@ -57,13 +56,12 @@ def training_step(run: TrainingRun, logger: TrainLogger) -> None:
     run.step += 1
 
 
-def sampling_step_seconds(model, num_classes: int, task: Evaluation, protocol: Protocol, recipe: Recipe) -> float:
-    labels = torch.arange(recipe.timing_per_class * num_classes) % num_classes
-    t0 = time.perf_counter()
-    generate(model, labels, sampler=protocol.sampler, num_sampling_steps=recipe.timing_sampling_steps,
-             cfg_scale=protocol.cfg_scale, tail_dropping_fraction=task.tail, uncond_tail_dropping_fraction=task.uncond_tail,
-             seed=0, num_snapshots=0, clip_denoised=True)
-    return (time.perf_counter() - t0) / recipe.timing_sampling_steps
+def sampling_step_seconds(model, cfg, task: Evaluation, protocol: Protocol, recipe: Recipe) -> float:
+    """One evaluation chunk (``evaluation.sample_chunk``, which times only the sampler) of
+    ``timing_per_class`` samples per class over ``timing_sampling_steps`` steps, per step."""
+    short = dataclasses.replace(protocol, sampling_steps=recipe.timing_sampling_steps)
+    chunk = sample_chunk(model, cfg, recipe.timing_per_class, 0, short, task.tail, task.uncond_tail)
+    return float(chunk["seconds"]) / recipe.timing_sampling_steps
 
 
 def time_models(out: Path, task: Timing, recipe: Recipe, protocol: Protocol, demo: Path, threads: int) -> dict:
@@ -78,7 +76,7 @@ def time_models(out: Path, task: Timing, recipe: Recipe, protocol: Protocol, dem
         samplers = {}
         for e in task.sample:
             model, cfg, _ = load_model(demo if e.run == "demo" else out / e.run)
-            samplers[e.name] = (model, cfg.model.num_classes, e)
+            samplers[e.name] = (model, cfg, e)
         for r in range(recipe.timing_warmup + recipe.timing_rounds):
             print(f"[timing] round {r + 1} of {recipe.timing_warmup + recipe.timing_rounds}", flush=True)
             keep = r >= recipe.timing_warmup
@@ -87,9 +85,9 @@ def time_models(out: Path, task: Timing, recipe: Recipe, protocol: Protocol, dem
                 training_step(run, logger)
                 if keep:
                     train_secs[name].append(time.perf_counter() - t0)
-            for name, (model, num_classes, e) in samplers.items():
+            for name, (model, cfg, e) in samplers.items():
                 with torch.inference_mode():
-                    s = sampling_step_seconds(model, num_classes, e, protocol, recipe)
+                    s = sampling_step_seconds(model, cfg, e, protocol, recipe)
                 if keep:
                     sample_secs[name].append(s)
         for run, logger in trainers.values():

@@ -117,10 +117,11 @@ BIG = [300, 310] * 8  # Σ n² · 96 = 1.4e8 ≥ 2 threads · WORK_PER_THREAD
 SMALL = [150, 160] * 8  # 3.7e7: below it
 
 
-@pytest.mark.parametrize("threads,sizes,expected", [(2, BIG, "threads"), (1, BIG, "sdpa"), (2, [300] * 16, "sdpa"),
-                                                    (2, SMALL, "sdpa")],
-                         ids=["2-threads-enough-work", "1-thread", "all-equal", "little-work"])
-def test_varlen_attention_uses_the_workers_only_where_they_are_faster(monkeypatch, threads, sizes, expected):
+@pytest.mark.parametrize("threads,sizes,grad,expected", [(2, BIG, True, "threads"), (1, BIG, True, "sdpa"),
+                                                         (2, [300] * 16, True, "sdpa"), (2, SMALL, True, "sdpa"),
+                                                         (2, BIG, False, "sdpa")],
+                         ids=["2-threads-enough-work", "1-thread", "all-equal", "little-work", "no-backward"])
+def test_varlen_attention_uses_the_workers_only_where_they_are_faster(monkeypatch, threads, sizes, grad, expected):
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     calls = []
@@ -128,7 +129,7 @@ def test_varlen_attention_uses_the_workers_only_where_they_are_faster(monkeypatc
     monkeypatch.setattr(segment_threads, "segment_attention", lambda *a: calls.append("threads") or real_threads(*a))
     monkeypatch.setattr(attention, "sdpa_per_segment", lambda *a: calls.append("sdpa") or real_sdpa(*a))
     try:
-        attention.varlen_attention(_qkv(sizes), Packing.from_counts(torch.tensor(sizes)))
+        attention.varlen_attention(_qkv(sizes).requires_grad_(grad), Packing.from_counts(torch.tensor(sizes)))
     finally:
         torch.set_num_threads(n)
     assert calls == [expected]

@@ -11,8 +11,8 @@
     is installed; without it, PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.10,
     the same flash kernel shipped with torch and the same (T, heads, hd) / cu_seqlens contract) on
     GPUs of compute capability 8.0 or newer;
-  - on CPU with several threads, enough attention work and more than one length: one call per
-    segment, the backward's segments spread over single-threaded workers
+  - on CPU when gradients are needed, with several threads, enough attention work and more than one
+    length: one call per segment, the backward's segments spread over single-threaded workers
     (``models/segment_threads.py``: the kernel's backward parallelises one short sequence poorly);
   - everywhere else, SDPA once per segment (one batched call when all segments have one length).
 
@@ -90,10 +90,12 @@ WORK_PER_THREAD = 5 * 10**7
 
 
 def use_segment_threads(qkv: torch.Tensor, packing: "Packing") -> bool:
-    """CPU, more than one thread, enough attention work, more than one length (all equal: one
-    batched SDPA call is faster)."""
+    """CPU, a backward to come (without one the workers have nothing to do and per-segment SDPA gives
+    the same outputs), more than one thread, enough attention work, more than one length (all equal:
+    one batched SDPA call is faster)."""
     threads = torch.get_num_threads()
-    if not (segment_threads.AVAILABLE and qkv.device.type == "cpu" and threads > 1 and len(set(packing.sizes)) > 1):
+    if not (segment_threads.AVAILABLE and qkv.device.type == "cpu" and qkv.requires_grad and torch.is_grad_enabled()
+            and threads > 1 and not packing.one_length):
         return False
     return sum(n * n for n in packing.sizes) * qkv.shape[2] * qkv.shape[3] >= WORK_PER_THREAD * threads
 
@@ -119,6 +121,6 @@ def sdpa_per_segment(qkv: torch.Tensor, packing: "Packing") -> torch.Tensor:
     that they share calls (what this did until 2026-12-01) cost more than it saved: forward + backward
     took 1.07–1.26× the time of this on the MNIST training and sampling batches, 1 and 2 threads
     (``bench_varlen_attention.py``, backend ``grouped``; docs/benchmarks.md)."""
-    if len(set(packing.sizes)) == 1:
+    if packing.one_length:
         return _sdpa(qkv.unflatten(0, (packing.batch, packing.sizes[0]))).flatten(0, 1)
     return torch.cat([_sdpa(seg[None])[0] for seg in qkv.split(packing.sizes)])

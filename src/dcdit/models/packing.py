@@ -86,6 +86,11 @@ class Packing:
         return max(self.sizes)
 
     @property
+    def one_length(self) -> bool:
+        """Every segment has the same length."""
+        return len(set(self.sizes)) == 1
+
+    @property
     def starts(self) -> tuple[int, ...]:
         """The first row of every segment, as Python ints."""
         return tuple(itertools.accumulate(self.sizes[:-1], initial=0))

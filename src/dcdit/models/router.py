@@ -41,8 +41,9 @@ class UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        y = x / norm.clamp_min(eps)
-        ctx.save_for_backward(y, norm.clamp_min(eps), norm < eps)
+        denominator = norm.clamp_min(eps)
+        y = x / denominator
+        ctx.save_for_backward(y, denominator, norm < eps)
         return y
 
     @staticmethod

@@ -8,9 +8,10 @@ sequences: 1.45×). So the forward runs segment after segment on the caller's th
 backward gives each thread whole segments (shares of about equal Σ n² work) run single-threaded.
 Measured on the 2-core CPU, 2 threads, against per-segment SDPA (``sdpa_per_segment``), forward +
 backward over packed segments of 120–340 tokens (docs/benchmarks.md, "Attention backends on CPU"):
-0.68–0.88× the time with 16 or 32 segments for every (heads, head dim) tried from (4, 24) to
-(16, 72); with 8 segments 0.78–1.27×, so ``models/attention.py`` uses it from 8 segments per thread.
-In a whole MNIST training step (batch 32, 4 heads of 24) the step takes 0.95× the time.
+0.66–0.96× the time for every batch whose attention work Σ n²·D was at least 1.3·10⁸, 1.05–1.27×
+for every one at or below 0.96·10⁸ (8 to 32 segments, (heads, head dim) from (4, 24) to (16, 72)),
+so ``models/attention.py`` uses it from Σ n²·D ≥ 5·10⁷ per thread, and only when a backward
+follows. In a whole MNIST training step (batch 32, 4 heads of 24) the step takes 0.95× the time.
 
 Exactness: the forward calls the kernel ``F.scaled_dot_product_attention`` picks on CPU
 (``aten._scaled_dot_product_flash_attention_for_cpu``) on the same inputs and threads: outputs equal
@@ -102,7 +103,7 @@ class SegmentAttention(torch.autograd.Function):
             o, segment_lse = _KERNEL(q, k, v)
             out[start:start + n].copy_(o[0].transpose(0, 1))
             lse.append(segment_lse)
-        ctx.sizes, ctx.starts, ctx.shares, ctx.threads = sizes, starts, balanced_shares(sizes, threads), threads
+        ctx.sizes, ctx.starts, ctx.threads = sizes, starts, threads
         ctx.save_for_backward(qkv, out, *lse)
         return out
 
@@ -120,7 +121,7 @@ class SegmentAttention(torch.autograd.Function):
                 for j in range(3):
                     grad[rows, j].copy_(d[j][0].transpose(0, 1))
 
-        _run(work, ctx.shares, ctx.threads)
+        _run(work, balanced_shares(ctx.sizes, ctx.threads), ctx.threads)
         return grad, None, None, None
 
 
