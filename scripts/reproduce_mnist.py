@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import shlex
 import sys
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/table1", help="study folder (everything is written and resumed here)")
     ap.add_argument("--only", nargs="+", choices=[*PHASES, "report"], help="run only these phases (the report is always written)")
+    ap.add_argument("--runs", nargs="+", metavar="PATTERN",
+                    help="run only the tasks of these runs (shell patterns, e.g. 'iso*_s0'): two processes can share a folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main three models (the ablations use seed 0)")
     ap.add_argument("--steps", type=int, help="training steps of every from-scratch run (default 3000; smoke 12)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training and sampling")
@@ -95,6 +98,8 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
         train_run(out, task, recipe, threads)
     elif isinstance(task, Evaluation):
         ckpt = checkpoint(out, task.run, task.step, steps_of)
+        if state["selection"] is None:  # another process may have made it since this one started
+            state["selection"] = read_selection(out)
         if state["selection"] is None or ckpt is None:
             print(f"[eval] {task.name}: waits for {'the guidance scale' if ckpt else task.run}", flush=True)
             return
@@ -112,6 +117,19 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
         time_models(out, task, recipe, protocol(recipe, state["selection"]["cfg_scale"]), DEMO, threads)
     else:  # ("scale", None)
         state["selection"] = select_guidance(out, DEMO, recipe, threads)
+
+
+def read_selection(out: Path) -> dict | None:
+    path = out / "selection" / "selection.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def selected(task, phases: set[str], runs: list[str] | None) -> bool:
+    """Whether this invocation runs ``task``: its phase is asked for and, with ``--runs``, its run matches."""
+    if task_phase(task) not in phases:
+        return False
+    run = getattr(task, "run", getattr(task, "name", None)) if not isinstance(task, (tuple, Timing)) else None
+    return runs is None or run is None or any(fnmatch.fnmatchcase(run, p) for p in runs)
 
 
 def finished(out: Path) -> set[Path]:
@@ -137,11 +155,10 @@ def main(argv=None) -> int:
         steps_of = {t.name: t.steps for t in plan if isinstance(t, Run)}
         report = {"recipe": recipe, "seeds": seeds, "command": command, "train_runs": runs,
                   "eval_order": [t.name for t in plan if isinstance(t, Evaluation)]}
-        sel_file = out / "selection" / "selection.json"
-        state = {"selection": json.loads(sel_file.read_text()) if sel_file.exists() else None, "routers": {}}
+        state = {"selection": read_selection(out), "routers": {}}
         t0, done = time.perf_counter(), finished(out)
         for task in plan:
-            if task_phase(task) in phases or (isinstance(task, RouterAnalysis) and (out / "router" / task.name).exists()):
+            if selected(task, phases, args.runs) or (isinstance(task, RouterAnalysis) and (out / "router" / task.name).exists()):
                 execute(out, task, recipe, steps_of, state, args.threads)
                 if len(finished(out)) > len(done):  # something new: the report shows it at once (the plot at the end)
                     done = finished(out)
