@@ -1,27 +1,32 @@
 """Table 1 at MNIST scale (issue 20): DC-DiT against the parameter- and FLOP-matched DiT/2, with models
 that draw digits, and the ablations of the paper's other claims (arXiv 2603.06351 §4; docs/results.md).
 
-    python scripts/reproduce_mnist.py --out runs/table1                     # the whole study, resumable
+    python scripts/reproduce_mnist.py --out runs/table1 --record docs/results/table1   # the whole study, resumable
     python scripts/reproduce_mnist.py --out runs/table1 --only scale main   # some phases
+    python scripts/reproduce_mnist.py --out runs/table1 --runs 'iso*_s0'    # the tasks of some runs
     python scripts/reproduce_mnist.py --out runs/table1 --only report       # just rewrite results.md
     python scripts/reproduce_mnist.py --out /tmp/smoke --smoke              # everything wired, tiny, ~1 min
 
 The runs, the order and the budget choice are in ``scripts/mnist_study/plan.py``; the evaluation
 protocol in ``evaluation.py``; the verdict rules in ``rules.py``. Phases, in the order they run:
 scale (guidance selection), main (DC-DiT / isoparam / isoflop per seed), elastic, router, random,
-multibudget, upcycle, dydit, cosine, timing (the finished models' time per step, in one process:
-``timing.py``). Finished runs and evaluations are skipped (``train_summary.json``,
-``eval/<name>/result.json``, ``timing/timing.json``); an interrupted run resumes from its latest
+multibudget, upcycle, dydit, cosine, timing (the finished models' time per step, a group of models
+per process: ``timing.py``). Finished runs and evaluations are skipped (``train_summary.json``,
+``eval/<name>/result.json``, ``timing/<group>.json``); an interrupted run resumes from its latest
 checkpoint (``dcdit train --resume``), an interrupted evaluation from its last saved chunk of
 samples. ``results.md`` is rewritten after every step, so it always shows what is finished.
 
-Cost on the 2-core CPU with --threads 2 (20 measured training steps at batch 32, other jobs running):
-dcdit_release 0.85–0.89 s / step (~45 min a run), isoflop 0.70 s (~35 min), isoparam 0.41 s (~20 min);
-an evaluation (500 samples, DDPM 50, guided) ~8–15 min. The whole study ≈ 14 h; seed 0 of the main
-three with its evaluations ≈ 2 h after the ~12 min guidance selection. Runs are not locked against
-a second process: two invocations may share a folder only with disjoint ``--only`` phases (e.g. two
-1-thread processes, ``--threads 1``, trained the release DC-DiT at 0.68 steps/s each, against
-1.1–1.2 steps/s for one 2-thread process: ~1.2× the throughput).
+``--record DIR`` makes the study outlive the machine: every finished result (not the weights) is
+copied to DIR as it finishes, and a later invocation on an empty ``--out`` restores DIR and goes on
+from there, training a recorded run again only as far as a task still needs its weights
+(``record.py``). The project's record, committed session by session, is ``docs/results/table1``.
+
+Cost on the 2-core CPU (1 thread per process, two processes with disjoint ``--runs`` / ``--only``):
+dcdit_release ~0.7 steps/s (~75 min a run), isoparam ~1.6 steps/s; an evaluation (500 samples,
+DDPM 50, guided) ~18 min; the guidance selection ~20 min. The whole study ≈ 14 h, more than one
+working session: hence the record. Runs are not locked against a second process: two invocations
+may share a folder only with disjoint ``--only`` phases or ``--runs`` patterns (two 1-thread
+processes, ``--threads 1``, gave ~1.2× the throughput of one 2-thread process).
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ from mnist_study.plan import (
     Timing,
     task_phase,
     tasks,
+    weights_read,
 )
+from mnist_study.record import compare_retrain, recorded_step, restore, sync
 from mnist_study.report import write_report
 from mnist_study.timing import time_models
-from mnist_study.training import StudyError, baseline_configs, run_done, train_run
+from mnist_study.training import StudyError, baseline_configs, run_done, train_run, trained_step
 
 from dcdit.checkpoint import read_weights
 from dcdit.evaluation.router_analysis import analyze_router
@@ -65,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/table1", help="study folder (everything is written and resumed here)")
     ap.add_argument("--only", nargs="+", choices=[*PHASES, "report"], help="run only these phases (the report is always written)")
+    ap.add_argument("--record", help="keep the finished results here too and resume from them (a folder in the repository: "
+                    "the study outlives a session's machine; scripts/mnist_study/record.py)")
     ap.add_argument("--runs", nargs="+", metavar="PATTERN",
                     help="run only the tasks of these runs (shell patterns, e.g. 'iso*_s0'): two processes can share a folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main three models (the ablations use seed 0)")
@@ -95,7 +104,7 @@ def checkpoint(out: Path, run: str, step: int | None, steps_of: dict[str, int]) 
 def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, threads: int) -> None:
     """One task of the plan; skips (saying why) what cannot run yet."""
     if isinstance(task, Run):
-        train_run(out, task, recipe, threads)
+        train_or_skip(out, task, recipe, threads, state["pending"], steps_of)
     elif isinstance(task, Evaluation):
         ckpt = checkpoint(out, task.run, task.step, steps_of)
         if state["selection"] is None:  # another process may have made it since this one started
@@ -107,7 +116,7 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
                  uncond_tail=task.uncond_tail, label=task.name, threads=threads)
     elif isinstance(task, RouterAnalysis):
         ckpt = checkpoint(out, task.run, None, steps_of)
-        if ckpt is not None:
+        if ckpt is not None or (out / "router" / task.name / "router_analysis.json").exists():
             state["routers"][task.name] = router(out, task, recipe, ckpt)
     elif isinstance(task, Timing):
         waiting = [n for n in task.needs if not run_done(out / n, steps_of[n])]
@@ -117,6 +126,34 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
         time_models(out, task, recipe, protocol(recipe, state["selection"]["cfg_scale"]), DEMO, threads)
     else:  # ("scale", None)
         state["selection"] = select_guidance(out, DEMO, recipe, threads)
+
+
+def task_done(out: Path, task, steps_of: dict[str, int]) -> bool:
+    """Finished here or in the restored record (a recorded run counts as finished: see :func:`train_or_skip`)."""
+    if isinstance(task, Run):
+        return max(trained_step(out / task.name), recorded_step(out, task.name)) >= task.steps
+    if isinstance(task, Evaluation):
+        return (out / "eval" / task.name / "result.json").exists()
+    if isinstance(task, RouterAnalysis):
+        return (out / "router" / task.name / "router_analysis.json").exists()
+    if isinstance(task, Timing):
+        return (out / "timing" / f"{task.name}.json").exists()
+    return read_selection(out) is not None  # ("scale", None)
+
+
+def train_or_skip(out: Path, run: Run, recipe: Recipe, threads: int, pending: list, steps_of: dict[str, int]) -> None:
+    """Train ``run``; or, when the record holds it finished, train it again only as far as a pending
+    task needs its weights (and compare the new log with the recorded one), or not at all."""
+    if trained_step(out / run.name) >= run.steps or recorded_step(out, run.name) < run.steps:
+        train_run(out, run, recipe, threads)
+        return
+    wanted = [steps_of[r] if step is None else step for t in pending for r, step in weights_read(t) if r == run.name]
+    if not wanted or trained_step(out / run.name) >= max(wanted):
+        return
+    print(f"[train] {run.name}: recorded, its weights are not; trained again to step {max(wanted)} for "
+          f"{', '.join(sorted({t.name for t in pending if run.name in (r for r, _ in weights_read(t))}))}", flush=True)
+    if train_run(out, run, recipe, threads, until=max(wanted)):
+        print(f"[train] {run.name}: {compare_retrain(out, run.name)}", flush=True)
 
 
 def read_selection(out: Path) -> dict | None:
@@ -135,7 +172,7 @@ def selected(task, phases: set[str], runs: list[str] | None) -> bool:
 def finished(out: Path) -> set[Path]:
     """The files that mark finished work (a report is due when this set grows)."""
     return {*out.glob("*/train_summary.json"), *out.glob("eval/*/result.json"), *out.glob("router/*/router_analysis.json"),
-            *out.glob("selection/selection.json"), *out.glob("timing/timing.json")}
+            *out.glob("selection/selection.json"), *out.glob("timing/*.json")}
 
 
 def main(argv=None) -> int:
@@ -148,6 +185,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     command = "python scripts/reproduce_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     demo_schedule = read_weights(DEMO)[1].model.noise_schedule
+    record = Path(args.record) if args.record else None
+    if record is not None and record.exists():
+        print(f"restored {restore(record, out)} finished file(s) from the record {record}", flush=True)
     try:
         baseline_configs(out, recipe, args.threads)
         plan = tasks(out, recipe, seeds, DEMO, demo_schedule)
@@ -155,15 +195,22 @@ def main(argv=None) -> int:
         steps_of = {t.name: t.steps for t in plan if isinstance(t, Run)}
         report = {"recipe": recipe, "seeds": seeds, "command": command, "train_runs": runs,
                   "eval_order": [t.name for t in plan if isinstance(t, Evaluation)]}
-        state = {"selection": read_selection(out), "routers": {}}
+        state = {"selection": read_selection(out), "routers": {},
+                 "pending": [t for t in plan if selected(t, phases, args.runs) and not task_done(out, t, steps_of)]}
         t0, done = time.perf_counter(), finished(out)
         for task in plan:
+            if isinstance(task, (Evaluation, Timing)) and task_done(out, task, steps_of):
+                continue  # finished here or in the record: nothing to wait for
             if selected(task, phases, args.runs) or (isinstance(task, RouterAnalysis) and (out / "router" / task.name).exists()):
                 execute(out, task, recipe, steps_of, state, args.threads)
                 if len(finished(out)) > len(done):  # something new: the report shows it at once (the plot at the end)
                     done = finished(out)
                     write_report(out, selection=state["selection"], routers=state["routers"], **report, plot=False)
+                    if record is not None:
+                        sync(out, record, runs)
         path = write_report(out, selection=state["selection"], routers=state["routers"], **report)
+        if record is not None:
+            sync(out, record, runs)
     except StudyError as e:
         print(f"reproduce_mnist: {e}", file=sys.stderr)
         return 1

@@ -20,8 +20,9 @@ Runs (seed k in ``--seeds`` for the first three, seed 0 for the rest):
                       and the same fine-tune without DyDiT
   dcdit_cosine_s0     configs/mnist.yaml (the paper-text cosine router)                 last, "if time allows"
 
-Then the time per training and sampling step of the finished models, all timed in one process
-(``timing.py``: the runs' own wall times come from a shared CPU).
+Then the time per training and sampling step of the finished models, in groups (:data:`TIMING_GROUPS`),
+each group timed in one process with its own DiT baselines (``timing.py``: the runs' own wall times
+come from a shared CPU).
 
 The isoflop budget is nominal (L/N kept tokens per forward), not measured: it is fixed before any
 DC-DiT is trained, so all baselines of all seeds are built at once and in parallel with the DC-DiT
@@ -135,29 +136,61 @@ class RouterAnalysis:
     phase: str
 
 
-TRAIN_TIMED = ("dcdit_release_s0", "isoparam_s0", "isoflop_s0", "random_s0", "dcdit_cosine_s0", "demo_finetune", "dydit_demo")
-SAMPLE_TIMED = (*TRAIN_TIMED, "multibudget_s0", "demo")
+#: Timing groups: name -> (DC-DiT runs whose training step is timed, runs whose evaluations' sampling
+#: steps are timed). A group needs only its own runs' weights, so each can be timed in the session
+#: that trained them (a later session would have to retrain them: the record keeps no weights).
+TIMING_GROUPS = {
+    "main": (("dcdit_release_s0",), ("dcdit_release_s0", "demo")),
+    "random": (("random_s0",), ("random_s0",)),
+    "multibudget": ((), ("multibudget_s0",)),
+    "dydit": (("dydit_demo", "demo_finetune"), ("dydit_demo", "demo_finetune", "demo")),
+    "cosine": (("dcdit_cosine_s0",), ("dcdit_cosine_s0",)),
+}
+#: Timed in every group from their configs with fresh weights (a DiT's time does not depend on its
+#: weights: no step of it depends on the data), so every group has its own baseline in its process.
+TIMED_BASELINES = ("isoparam_s0", "isoflop_s0")
 
 
 @dataclass(frozen=True)
 class Timing:
-    """The timing task: the runs whose training step and the evaluations whose sampling step are timed."""
+    """One timing group: the DC-DiT runs whose training step and the evaluations whose sampling step
+    are timed (from their weights), and the baseline runs timed from their configs."""
 
+    name: str
     train: tuple[str, ...]
     sample: tuple[Evaluation, ...]
+    baselines: tuple[Run, ...]
     phase: str = "timing"
-    name: str = "timing"
 
     @property
     def needs(self) -> list[str]:
+        """The runs whose final weights the group reads."""
         return sorted({*self.train, *(e.run for e in self.sample if e.run != "demo")})
 
 
-def timing_task(plan: list) -> Timing:
-    """Which of the plan's runs and evaluations are timed (:data:`TRAIN_TIMED`, :data:`SAMPLE_TIMED`)."""
-    runs = [t.name for t in plan if isinstance(t, Run) and t.name in TRAIN_TIMED]
-    evals = [t for t in plan if isinstance(t, Evaluation) and t.run in SAMPLE_TIMED and t.step is None]
-    return Timing(tuple(runs), tuple(evals))
+def timing_tasks(plan: list) -> list[Timing]:
+    """One :class:`Timing` per :data:`TIMING_GROUPS` entry whose runs are in the plan."""
+    runs = {t.name: t for t in plan if isinstance(t, Run)}
+    baselines = tuple(runs[n] for n in TIMED_BASELINES if n in runs)
+    out = []
+    for group, (train, sample) in TIMING_GROUPS.items():
+        evals = tuple(t for t in plan if isinstance(t, Evaluation) and t.run in sample and t.step is None)
+        if all(n in runs for n in train) and evals:
+            out.append(Timing(f"timing_{group}", train, evals, baselines))
+    return out
+
+
+def weights_read(task) -> list[tuple[str, int | None]]:
+    """(run, step) of every checkpoint ``task`` reads; step None: the run's final weights."""
+    if isinstance(task, Evaluation):
+        return [(task.run, task.step)] if task.run != "demo" else []
+    if isinstance(task, RouterAnalysis):
+        return [(task.run, None)] if task.run != "demo" else []
+    if isinstance(task, Run):
+        return ([task.branch] if task.branch else []) + [(n, None) for n in task.needs]
+    if isinstance(task, Timing):
+        return [(n, None) for n in task.needs]
+    return []
 
 
 def _common(r: Recipe, keep_last: int = 100) -> tuple[str, ...]:
@@ -208,7 +241,7 @@ def tasks(out: Path, r: Recipe, seeds: list[int], demo: Path, demo_schedule: str
     """Everything, in the order that gives the most evidence first: the guidance scale, seed 0 of the
     main three (claim (a)), elastic inference and the router of that DC-DiT (claims (e), (b), (c)),
     the other seeds, the random router (d), multi-budget (e), upcycling, DyDiT, the cosine router, and
-    last the time per step of the finished models (``timing.py``)."""
+    the time per step of the finished models, one group at a time (``timing.py``)."""
     t: list = [("scale", None)]
     abl = ablation_runs(out, r, demo, demo_schedule)
     for i, seed in enumerate(seeds):
@@ -230,7 +263,7 @@ def tasks(out: Path, r: Recipe, seeds: list[int], demo: Path, demo_schedule: str
     t += abl["dydit"] + [Evaluation(n, n, "dydit") for n in ("demo", "dydit_demo", "demo_finetune")]
     t += abl["cosine"] + [Evaluation("dcdit_cosine_s0", "dcdit_cosine_s0", "cosine"),
                           RouterAnalysis("dcdit_cosine_s0", "dcdit_cosine_s0", "router")]
-    return [*t, timing_task(t)]
+    return [*t, *timing_tasks(t)]
 
 
 def task_phase(task) -> str:
@@ -253,11 +286,15 @@ __all__ = [
     "Recipe",
     "RouterAnalysis",
     "Run",
+    "TIMED_BASELINES",
+    "TIMING_GROUPS",
     "Timing",
     "ablation_runs",
     "main_runs",
     "sized",
     "task_phase",
     "tasks",
+    "timing_tasks",
     "upcycle_points",
+    "weights_read",
 ]

@@ -18,7 +18,8 @@ import torch
 
 from dcdit.utils import atomic_write_text
 
-from .plan import LITE_CFG, TAILS, Recipe, upcycle_points
+from .plan import LITE_CFG, TAILS, TIMED_BASELINES, TIMING_GROUPS, Recipe, upcycle_points
+from .record import run_folder
 from .rules import ci_order, verdict_a, verdict_b, verdict_c, verdict_d, verdict_e
 
 TABLE1 = [("DC-DiT (release-exact)", "dcdit_release"), ("DiT/2 isoparam", "isoparam"), ("DiT/2 isoflop", "isoflop")]
@@ -38,34 +39,51 @@ def run_of(eval_name: str) -> str:
 
 
 def train_summary(out: Path, run: str) -> dict | None:
-    p = out / run / "train_summary.json"
+    p = run_folder(out, run) / "train_summary.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def load_timing(out: Path) -> dict | None:
-    p = out / "timing" / "timing.json"
-    return json.loads(p.read_text()) if p.exists() else None
+def load_timing(out: Path) -> dict[str, dict]:
+    """group -> the timing phase's result for it (``timing.py``; empty before any group has run), in
+    :data:`TIMING_GROUPS`' order: the baselines' own rows take the main group's times."""
+    rank = {f"timing_{g}": i for i, g in enumerate(TIMING_GROUPS)}
+    files = sorted((out / "timing").glob("*.json"), key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
+    return {p.stem: json.loads(p.read_text()) for p in files}
 
 
-def step_times(out: Path, name: str, r: dict | None, timing: dict | None) -> tuple[float | None, float | None]:
-    """(training s / step, sampling s / step) of evaluation ``name``. From the timing phase once it has
-    run (one process, interleaved rounds; None for what it did not time), until then from the run's
-    wall time and the evaluation's own sampling time (a shared CPU: indicative only). Never mixed."""
-    if timing is not None:
-        train = timing["train_s_per_step"].get(run_of(name)) if "@" not in name else None
-        return train, timing["sampling_s_per_step"].get(name)
-    ts = train_summary(out, run_of(name))
-    train = ts["wall_time_s"] / ts["step"] if ts and ts["step"] and "@" not in name else None
-    return train, None if r is None else r["sampling_s_per_step"]
+def step_times(out: Path, name: str, r: dict | None, timing: dict[str, dict]) -> tuple:
+    """(training s / step, sampling s / step, the same two of the isoflop DiT/2) for evaluation ``name``.
+    Once any timing group has run, only timing numbers (one process, interleaved rounds; the isoflop's
+    from the same group, so every ratio is within one process; None for what no group timed). Before,
+    the run's wall time and the evaluation's own sampling time (a shared CPU: indicative only), the
+    isoflop's of the same seed. Never mixed."""
+    if timing:
+        g = next((g for g in timing.values() if name in g["sampling_s_per_step"] or name in g["train_s_per_step"]), None)
+        if g is None:
+            return None, None, None, None
+        train = g["train_s_per_step"].get(run_of(name)) if "@" not in name else None
+        iso = TIMED_BASELINES[-1]
+        return train, g["sampling_s_per_step"].get(name), g["train_s_per_step"].get(iso), g["sampling_s_per_step"].get(iso)
+
+    def wall(n: str, res: dict | None) -> tuple[float | None, float | None]:
+        ts = train_summary(out, run_of(n))
+        train = ts["wall_time_s"] / ts["step"] if ts and ts["step"] and "@" not in n else None
+        return train, None if res is None else res["sampling_s_per_step"]
+
+    iso = f"isoflop_s{run_of(name).rsplit('_s', 1)[-1]}"
+    iso_file = out / "eval" / iso / "result.json"
+    return (*wall(name, r), *wall(iso, json.loads(iso_file.read_text()) if iso_file.exists() else None))
 
 
-def times_note(timing: dict | None) -> str:
-    if timing is None:
+def times_note(timing: dict[str, dict]) -> str:
+    if not timing:
         return ("Times: the runs' wall time per step and the evaluations' own sampling time, on a CPU shared with the "
                 "rest of the study: indicative only until the timing phase has run.")
-    sp = timing["sampling"]
-    return (f"Times: the timing phase (scripts/mnist_study/timing.py): every model in one process with {timing['threads']} "
-            f"thread(s), {timing['rounds']} interleaved rounds after {timing['warmup_rounds']} warm-up, medians; a training "
+    g = next(iter(timing.values()))
+    sp = g["sampling"]
+    return (f"Times: the timing phase (scripts/mnist_study/timing.py), group by group ({', '.join(timing)}): each group's "
+            f"models and the isoparam / isoflop DiT/2 (from their configs) in one process with {g['threads']} thread(s), "
+            f"{g['rounds']} interleaved rounds after {g['warmup_rounds']} warm-up, medians; ratios within a group. A training "
             f"step is dcdit.train's step from the run's final weights, a sampling step one step of guided {sp['sampler'].upper()} "
             f"(scale {sp['cfg_scale']:g}) on {10 * sp['per_class']} samples over a {sp['steps']}-step trajectory. Seed-0 "
             "models only (the other seeds have the same architectures).")
@@ -74,7 +92,7 @@ def times_note(timing: dict | None) -> str:
 def window_mse(out: Path, run: str, end: int, window: int) -> float | None:
     """Mean logged ε-MSE of ``run`` over steps (end − window, end]: the same steps, hence the same
     batches, timesteps and noise, for every run of a seed."""
-    log = out / run / "log.csv"
+    log = run_folder(out, run) / "log.csv"
     if not log.exists():
         return None
     with open(log) as f:
@@ -121,10 +139,8 @@ def detail_table(results: dict, out: Path, timing: dict | None) -> list[str]:
     lines = [times_note(timing), "", ("| evaluation | step | MNIST-FID [95% CI] | class acc [95% CI] | IS [95% CI] | tokens kept / L | GFLOPs / img | "
               "FLOPs ÷ isoflop | train s / step | ÷ isoflop | sampling s / step | ÷ isoflop |"), "|" + "---|" * 12]
     for name, r in results.items():
-        seed = run_of(name).rsplit("_s", 1)[-1]
-        iso = results.get(f"isoflop_s{seed}")
-        train_step, sample_step = step_times(out, name, r, timing)
-        iso_step, iso_sample = step_times(out, f"isoflop_s{seed}", iso, timing)
+        iso = results.get(f"isoflop_s{run_of(name).rsplit('_s', 1)[-1]}")
+        train_step, sample_step, iso_step, iso_sample = step_times(out, name, r, timing)
 
         def ratio(a, b):
             return f"{a / b:.2f}" if a is not None and b else ""
@@ -239,7 +255,7 @@ def dydit_table(results: dict, out: Path, timing: dict | None) -> list[str]:
     for name in ("demo", "demo_finetune", "dydit_demo"):
         if name in results:
             r = results[name]
-            train_step, sample_step = step_times(out, name, r, timing)
+            train_step, sample_step, _, _ = step_times(out, name, r, timing)
             lines.append(f"| {name} | {r['gflops_per_image']:.2f} | {_seconds(sample_step)} | {_seconds(train_step)} | "
                          f"{_score_cells(r)} |")
     return lines

@@ -88,9 +88,9 @@ def branch(out: Path, run: Run) -> bool:
     return True
 
 
-def train_run(out: Path, run: Run, recipe: Recipe, threads: int) -> bool:
-    """Train ``run`` to its steps (through its stops), resuming from its latest checkpoint. Returns False
-    (and says why) when it has to wait for another run."""
+def train_run(out: Path, run: Run, recipe: Recipe, threads: int, until: int | None = None) -> bool:
+    """Train ``run`` to its steps, or only ``until`` that step (through its stops), resuming from its
+    latest checkpoint. Returns False (and says why) when it has to wait for another run."""
     run_dir = out / run.name
     waiting = [n for n in run.needs if not (out / n / "train_summary.json").exists()]
     if waiting:
@@ -100,7 +100,8 @@ def train_run(out: Path, run: Run, recipe: Recipe, threads: int) -> bool:
         print(f"[train] {run.name}: waits for {run.branch[0]} to reach step {run.branch[1]}", flush=True)
         return False
     run = sized(run, recipe)
-    for target in (*run.stops, run.steps):
+    last = run.steps if until is None else min(until, run.steps)
+    for target in sorted({*(s for s in run.stops if s < last), last}):
         if trained_step(run_dir) >= target:
             continue
         argv = ["train", run.config, *run.overrides, f"train.steps={target}", "--out", str(run_dir), "--no-progress"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,19 @@ sys.path.insert(0, str(SCRIPTS))
 
 import reproduce_mnist
 from mnist_study import rules
-from mnist_study.plan import SMOKE, Evaluation, Recipe, Run, tasks, upcycle_points
+from mnist_study.plan import (
+    SMOKE,
+    TIMED_BASELINES,
+    TIMING_GROUPS,
+    Evaluation,
+    Recipe,
+    Run,
+    Timing,
+    tasks,
+    upcycle_points,
+    weights_read,
+)
+from mnist_study.record import compare_retrain
 from mnist_study.report import step_times, table1
 from mnist_study.timing import training_step
 from mnist_study.training import StudyError, dcdit, train_run
@@ -37,13 +50,15 @@ def _log_rows(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ end to end
 
 
-def test_smoke_study_runs_end_to_end_and_a_second_invocation_skips_everything(tmp_path, capsys):
+def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record(tmp_path, capsys):
     """Every phase wired on a tiny model: the report with its table, verdicts, plot and grids. Checks
     that the runs of a seed share seed and batch (the paired comparison's premise), that the
-    multi-budget run is the DC-DiT up to its branch step and tail-drops after it, and that a second
-    invocation trains and samples nothing."""
-    out = tmp_path / "study"
-    assert reproduce_mnist.main(["--out", str(out), "--smoke", "--seeds", "0", "--threads", "1"]) == 0
+    multi-budget run is the DC-DiT up to its branch step and tail-drops after it, that a second
+    invocation trains and samples nothing, and that a later session (a fresh study folder, only the
+    record) skips what the record holds and retrains a run only as far as a missing task needs it."""
+    out, record = tmp_path / "study", tmp_path / "record"
+    argv = ["--smoke", "--seeds", "0", "--threads", "1", "--record"]
+    assert reproduce_mnist.main(["--out", str(out), *argv, str(record)]) == 0
     first = capsys.readouterr().out
     md = (out / "results.md").read_text()
     for heading in ("## Table 1", "## Verdicts", "## Every evaluation", "## Paired training ε-MSE", "## Elastic inference",
@@ -71,23 +86,62 @@ def test_smoke_study_runs_end_to_end_and_a_second_invocation_skips_everything(tm
     assert any(float(r["tail_fraction"]) > 0 for r in mb if int(r["step"]) > start)
     assert all(float(r["tail_fraction"]) == 0 for r in dc)
     assert "[train] dcdit_cosine_s0" in first
-    # the timing phase: every seed-0 model's training step and every evaluation setting's sampling step,
-    # and the report's time columns come from it
-    timing = json.loads((out / "timing" / "timing.json").read_text())
-    assert set(timing["train_s_per_step"]) == {"dcdit_release_s0", "isoparam_s0", "isoflop_s0", "random_s0",
-                                               "dcdit_cosine_s0", "demo_finetune", "dydit_demo"}
-    assert {"dcdit_release_s0@tail0.75", "dcdit_release_s0@litecfg", "multibudget_s0@tail0.5", "demo"} <= set(timing["sampling_s_per_step"])
-    assert not any("@step" in n for n in timing["sampling_s_per_step"])
-    assert all(v > 0 for d in ("train_s_per_step", "sampling_s_per_step") for v in timing[d].values())
-    assert "Times: the timing phase" in md and report["timing"] == timing
-    iso = next(line for line in md.splitlines() if line.startswith("| isoflop_s0 |"))
-    assert iso.endswith(f"| {timing['train_s_per_step']['isoflop_s0']:.3f} | 1.00 | {timing['sampling_s_per_step']['isoflop_s0']:.3f} | 1.00 |")
+    _check_timing_groups(out, md, report)
 
-    marks = {p: p.stat().st_mtime_ns for p in out.glob("**/*") if p.name in ("result.json", "train_summary.json", "timing.json")}
-    assert reproduce_mnist.main(["--out", str(out), "--smoke", "--seeds", "0", "--threads", "1"]) == 0
+    # a second invocation on the same folder does nothing
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("**/*") if p.name in ("result.json", "train_summary.json") or p.parent.name == "timing"}
+    assert reproduce_mnist.main(["--out", str(out), *argv, str(record)]) == 0
     second = capsys.readouterr().out
     assert "to step" not in second and "chunk" not in second and "[router]" not in second and "[timing]" not in second
     assert marks == {p: p.stat().st_mtime_ns for p in marks}
+
+    # a later session: a fresh folder and the record -> the same report, nothing trained or sampled
+    assert not any(p.suffix == ".safetensors" for p in record.glob("**/*"))  # no weights in the record
+    assert reproduce_mnist.main(["--out", str(tmp_path / "later"), *argv, str(record)]) == 0
+    later = capsys.readouterr().out
+    assert "restored" in later and "to step" not in later and "chunk" not in later and "[timing]" not in later
+    header = 3  # title, command, machine
+    assert (tmp_path / "later" / "results.md").read_text().splitlines()[header:] == md.splitlines()[header:]
+
+    # ... and with one recorded evaluation gone, the run it reads is trained again only to that step,
+    # repeats the recorded run, gives the same evaluation, and leaves the record's full run alone
+    partial = tmp_path / "record2"
+    shutil.copytree(record, partial)
+    shutil.rmtree(partial / "eval" / "dcdit_release_s0@step2")
+    again = tmp_path / "again"
+    assert reproduce_mnist.main(["--out", str(again), *argv, str(partial)]) == 0
+    log = capsys.readouterr().out
+    assert "dcdit_release_s0: recorded, its weights are not; trained again to step 2" in log
+    trained = [line.split(";")[0] for line in log.splitlines() if ": to step" in line]  # through its stop at step 1
+    assert trained == ["[train] dcdit_release_s0: to step 1", "[train] dcdit_release_s0: to step 2 (resumed)"]
+    assert json.loads((again / "dcdit_release_s0" / "train_summary.json").read_text())["step"] == 2
+    assert json.loads((again / "retrains.json").read_text())["dcdit_release_s0"].startswith("repeats the recorded run")
+    old, new = (json.loads((r / "eval" / "dcdit_release_s0@step2" / "result.json").read_text()) for r in (record, partial))
+    assert (new["mnist_fid"], new["class_accuracy"], new["fid_ci"]) == (old["mnist_fid"], old["class_accuracy"], old["fid_ci"])
+    assert json.loads((partial / "dcdit_release_s0" / "train_summary.json").read_text())["step"] == SMOKE.steps
+
+
+def _check_timing_groups(out: Path, md: str, report: dict) -> None:
+    """The timing phase, group by group: each group's DC-DiT training steps, its evaluation settings'
+    sampling steps and the two baselines; the report's time columns come from it, the ratios within a group."""
+    timing = {p.stem: json.loads(p.read_text()) for p in (out / "timing").glob("*.json")}
+    assert set(timing) == {f"timing_{g}" for g in TIMING_GROUPS}
+    for name, (trained, sampled) in TIMING_GROUPS.items():
+        g = timing[f"timing_{name}"]
+        assert set(g["train_s_per_step"]) == {*trained, *TIMED_BASELINES}
+        assert {n.split("@")[0] for n in g["sampling_s_per_step"]} == {*sampled, *TIMED_BASELINES}
+        assert all(v > 0 for d in ("train_s_per_step", "sampling_s_per_step") for v in g[d].values())
+    main = timing["timing_main"]
+    assert {"dcdit_release_s0@tail0.75", "dcdit_release_s0@litecfg", "demo"} <= set(main["sampling_s_per_step"])
+    assert "multibudget_s0@tail0.5" in timing["timing_multibudget"]["sampling_s_per_step"]
+    assert not any("@step" in n for g in timing.values() for n in g["sampling_s_per_step"])
+    assert "Times: the timing phase" in md and report["timing"] == timing
+    iso = next(line for line in md.splitlines() if line.startswith("| isoflop_s0 |"))
+    assert iso.endswith(f"| {main['train_s_per_step']['isoflop_s0']:.3f} | 1.00 | {main['sampling_s_per_step']['isoflop_s0']:.3f} | 1.00 |")
+    rnd = timing["timing_random"]
+    row = next(line for line in md.splitlines() if line.startswith("| random_s0 |"))
+    ratio = rnd["train_s_per_step"]["random_s0"] / rnd["train_s_per_step"]["isoflop_s0"]
+    assert f"| {rnd['train_s_per_step']['random_s0']:.3f} | {ratio:.2f} |" in row
 
 
 def test_an_interrupted_training_run_resumes_to_the_same_weights(tmp_path, capsys):
@@ -134,14 +188,32 @@ def test_the_timed_training_step_is_dcdit_trains_step(tmp_path):
 
 def test_step_times_come_from_one_source():
     """Before the timing phase: the run's wall time per step and the evaluation's own sampling time;
-    after it: only the timing phase's numbers (None where it timed nothing, never the wall time)."""
+    after it: only the timing phase's numbers (None where it timed nothing, never the wall time), the
+    isoflop's from the group that timed the model (its own process), not from another group."""
     out = Path("/nonexistent")
     r = {"sampling_s_per_step": 0.5}
-    assert step_times(out, "x_s1@tail0.5", r, None) == (None, 0.5)
-    timing = {"train_s_per_step": {"dcdit_release_s0": 1.25}, "sampling_s_per_step": {"dcdit_release_s0@tail0.5": 0.25}}
-    assert step_times(out, "dcdit_release_s0", r, timing) == (1.25, None)
-    assert step_times(out, "dcdit_release_s0@tail0.5", r, timing) == (None, 0.25)
-    assert step_times(out, "dcdit_release_s1", r, timing) == (None, None)
+    assert step_times(out, "x_s1@tail0.5", r, {}) == (None, 0.5, None, None)
+    timing = {"timing_main": {"train_s_per_step": {"dcdit_release_s0": 1.25, "isoflop_s0": 1.0},
+                              "sampling_s_per_step": {"dcdit_release_s0@tail0.5": 0.25, "isoflop_s0": 0.2}},
+              "timing_random": {"train_s_per_step": {"random_s0": 1.5, "isoflop_s0": 1.2},
+                                "sampling_s_per_step": {"random_s0": 0.3, "isoflop_s0": 0.25}}}
+    assert step_times(out, "dcdit_release_s0", r, timing) == (1.25, None, 1.0, 0.2)
+    assert step_times(out, "dcdit_release_s0@tail0.5", r, timing) == (None, 0.25, 1.0, 0.2)
+    assert step_times(out, "random_s0", r, timing) == (1.5, 0.3, 1.2, 0.25)
+    assert step_times(out, "dcdit_release_s1", r, timing) == (None, None, None, None)
+
+
+def test_a_retrain_that_does_not_repeat_the_recorded_run_says_where_it_parts(tmp_path):
+    header = "step,loss,mse,steps_per_s\n"
+    (tmp_path / "recorded" / "x").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "recorded" / "x" / "log.csv").write_text(header + "1,0.5,0.4,1.0\n50,0.25,0.2,1.0\n100,0.125,0.1,1.0\n")
+    (tmp_path / "x" / "log.csv").write_text(header + "1,0.5,0.4,2.0\n50,0.25,0.2000001,2.0\n")
+    verdict = compare_retrain(tmp_path, "x")
+    assert verdict.startswith("differs from the recorded run from step 50 on") and "1 of 2 logged steps" in verdict
+    (tmp_path / "x" / "log.csv").write_text(header + "1,0.5,0.4,2.0\n50,0.25,0.2,3.0\n")  # the speed never counts
+    assert compare_retrain(tmp_path, "x").startswith("repeats the recorded run")
+    assert json.loads((tmp_path / "retrains.json").read_text())["x"].startswith("repeats")
 
 
 def test_a_failing_dcdit_command_ends_in_one_line_naming_its_log(tmp_path):
@@ -168,8 +240,14 @@ def test_the_plan_trains_seed_0_of_the_main_three_first_and_the_cosine_router_la
     mb = next(t for t in plan if isinstance(t, Run) and t.name == "multibudget_s0")
     assert "train.multi_budget.fractions=[0.0,0.1,0.2,0.3,0.4,0.5,0.6]" in mb.overrides and mb.branch == ("dcdit_release_s0", 375)
     assert all(not any("noise_schedule=linear" in o for o in t.overrides) for t in plan if isinstance(t, Run))
-    timing = plan[-1]  # last: it needs every timed run finished
-    assert timing.phase == "timing" and "dcdit_cosine_s0" in timing.needs and "isoflop_s1" not in timing.needs
+    timing = {t.name: t for t in plan if isinstance(t, Timing)}  # after everything, a group at a time
+    assert list(timing) == [f"timing_{g}" for g in TIMING_GROUPS] and all(isinstance(t, Timing) for t in plan[-len(timing):])
+    assert timing["timing_main"].needs == ["dcdit_release_s0"] and timing["timing_dydit"].needs == ["demo_finetune", "dydit_demo"]
+    assert all({b.name for b in t.baselines} == set(TIMED_BASELINES) for t in timing.values())
+    assert weights_read(timing["timing_cosine"]) == [("dcdit_cosine_s0", None)]
+    assert weights_read(mb) == [("dcdit_release_s0", 375)]
+    assert weights_read(next(t for t in plan if isinstance(t, Evaluation) and t.name == "upcycle_s0@step500")) == [("upcycle_s0", 500)]
+    assert weights_read(next(t for t in plan if isinstance(t, Run) and t.name == "upcycle_s0")) == [("isoparam_s0", None)]
 
 
 # ------------------------------------------------------------------------------------- the rules
