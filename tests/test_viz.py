@@ -58,6 +58,7 @@ def test_save_image_grid_places_each_image(tmp_path, B, nrow, padding):
 def test_save_image_grid_grayscale(tmp_path):
     imgs = torch.stack([torch.full((1, 3, 3), _value_of(k)) for k in range(3)])
     path = save_image_grid(imgs, tmp_path / "g.png", nrow=3, padding=1)
+    assert Image.open(path).mode == "L"  # one channel stays one channel
     grid = np.asarray(Image.open(path).convert("RGB"))
     for k in range(3):
         assert (grid[1:4, 1 + 4 * k : 4 + 4 * k] == 20 * k + 10).all()
