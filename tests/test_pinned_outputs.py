@@ -1,9 +1,16 @@
 """Pinned outputs: sampling and the demo give bit-identical results across refactors.
 
-The reference file ``tests/fixtures/pinned_outputs.pt`` was written by this module's ``main`` on the
-code of 2026-11-30 (before the orchestration refactor of issue 19), one thread, CPU. A change that
-*means* to change numerics (a new kernel, a new default) regenerates it with
-``python tests/test_pinned_outputs.py`` and says why in its commit message; a refactor never does.
+The reference file ``tests/fixtures/pinned_outputs.pt`` is written by this module's ``main``, one
+thread, CPU, and records the machine it was written on (CPU vendor, torch's CPU kernel level, torch
+version: what decides which kernels run). On such a machine the pins are exact; on another the same
+arithmetic runs on other kernels, so the pins hold within the tolerances of
+:func:`assert_near_pins` (measured on an AMD EPYC / AVX2 against pins written on an Intel Xeon:
+ddim cases ≤ 4.2e-5, ddpm + CFG 4 one kept count flipped by 3 and three by 1 in 80, its flipped
+images ≤ 0.10, the others ≤ 4.5e-4; the tiny DiT 6.8e-5 relative). A change that *means* to change
+numerics (a new kernel, a new default) regenerates it with ``python tests/test_pinned_outputs.py``
+and says why in its commit message; a refactor never does. History: first written on the code of
+2026-11-30 on an Intel Xeon; rewritten 2026-12-01 on an AMD EPYC (AVX2) from unchanged code, after
+checking that it met the cross-machine tolerances against the Intel pins.
 
 Which wrong change each case catches: a sampler loop that reorders noise draws or guidance (DDPM and
 DDIM with CFG), a lost tail-drop or Lite-CFG argument (the kept-token traces), a DiT call path that
@@ -30,6 +37,17 @@ from dcdit.config import build_model
 from dcdit.sampling import generate
 
 REFERENCE = Path(__file__).parent / "fixtures" / "pinned_outputs.pt"
+
+
+def machine_signature() -> dict:
+    """What decides which CPU kernels run: the CPU vendor, torch's kernel level, the torch version."""
+    vendor = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return {"vendor": vendor, "capability": torch.backends.cpu.get_cpu_capability(), "torch": str(torch.__version__)}
 
 TINY_DIT = dict(arch="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -93,29 +111,20 @@ def reference():
     return torch.load(REFERENCE, weights_only=True)
 
 
-@pytest.mark.parametrize("case", sorted(DEMO_CASES))
-def test_demo_model_sampling_is_pinned(case, reference):
-    got = _run_case(_demo_model(), DEMO_CASES[case])
-    for key, want in reference[case].items():
-        assert torch.equal(got[key], want), f"{case}/{key} changed (max diff {(got[key].float() - want.float()).abs().max():.3g})"
+@pytest.fixture(scope="module")
+def pin_machine(reference) -> bool:
+    """Whether this machine runs the kernels the pins were written with (then they are exact)."""
+    return reference["machine"] == machine_signature()
 
 
-def test_dit_sampling_is_pinned(reference):
-    got = _run_case(_tiny_dit(), dict(sampler="ddpm", num_sampling_steps=5, cfg_scale=3.0))
-    assert torch.equal(got["samples"], reference["dit_ddpm_cfg3"]["samples"])
-
-
-@pytest.mark.parametrize("case", sorted(DEMO_CASES))
-def test_packed_demo_sampling_matches_the_pins(case, reference):
-    """Packed execution against the (padded) pins. Rounding-level differences can flip a router
-    decision whose p sits at the 0.5 threshold; measured (2026-11-30, 1 thread): demo_ddim_tail03 and
-    demo_ddim_lite_eta1 keep identical traces and differ by ≤ 1.9e-5; in demo_ddpm_cfg4 (CFG 4
-    amplifies every difference) 4 of 80 kept counts differ by 1–3 tokens (images 0 and 5, the last
-    two steps), those images then differ by ≤ 0.10 (mean 1.2e-3), the others by ≤ 2.6e-4.
-    Bounds: ≤ 10% of a trace's entries may flip, by ≤ 3 tokens; images without a flip within 1e-3,
-    images with one within a mean of 5e-3."""
-    got = _run_case(_demo_model("packed"), DEMO_CASES[case])
-    want = reference[case]
+def assert_near_pins(got: dict, want: dict, case: str) -> None:
+    """Same arithmetic on other kernels (packed execution, another CPU): rounding-level differences
+    can flip a router decision whose p sits at the 0.5 threshold, and CFG 4 amplifies it. Bounds:
+    ≤ 10% of a trace's entries may flip, by ≤ 3 tokens; images whose kept counts did not change
+    within 1e-2 (max) and 1e-4 (mean) — a decision can also swap two tokens and keep the count
+    (packed against AMD pins, demo_ddpm_cfg4 image 0: max 1.2e-3, mean 2.3e-5) —, images with a
+    changed count within a mean of 5e-3. A reordered noise draw, a lost tail-drop or Lite-CFG
+    argument moves every image by O(0.1–1) and most kept counts."""
     flipped = torch.zeros(got["samples"].shape[0], dtype=torch.bool)
     for key in ("kept", "uncond_kept"):
         if key in want:
@@ -123,20 +132,53 @@ def test_packed_demo_sampling_matches_the_pins(case, reference):
             assert float((delta > 0).float().mean()) <= 0.1 and int(delta.max()) <= 3, f"{case}/{key}: {delta.tolist()}"
             flipped |= (delta > 0).any(0)
     err = (got["samples"] - want["samples"]).abs().flatten(1)  # (images, pixels)
-    assert float(err[~flipped].max()) <= 1e-3, f"{case}: images without a router flip differ by {err[~flipped].max():.3g}"
+    assert float(err[~flipped].max()) <= 1e-2 and float(err[~flipped].mean(1).max()) <= 1e-4, (
+        f"{case}: images without a kept-count change differ by {err[~flipped].max():.3g} (max), {err[~flipped].mean(1).max():.3g} (mean)")
     if flipped.any():
         assert float(err[flipped].mean(1).max()) <= 5e-3, f"{case}: images with a flip differ by {err[flipped].mean(1)}"
 
 
-def test_demo_command_png_is_pinned(tmp_path, reference):
-    """Padded execution reproduces the pinned PNG bytes; the default (packed) PNG decodes to nearly
-    the same grid: mean |Δ| ≤ 0.5 of an 8-bit level (a router flip may move some pixels further)."""
+@pytest.mark.parametrize("case", sorted(DEMO_CASES))
+def test_demo_model_sampling_is_pinned(case, reference, pin_machine):
+    got, want = _run_case(_demo_model(), DEMO_CASES[case]), reference[case]
+    assert_near_pins(got, want, case)  # any machine
+    if not pin_machine:
+        return
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{case}/{key} changed (max diff {(got[key].float() - want[key].float()).abs().max():.3g})"
+
+
+def test_dit_sampling_is_pinned(reference, pin_machine):
+    got, want = _run_case(_tiny_dit(), dict(sampler="ddpm", num_sampling_steps=5, cfg_scale=3.0))["samples"], reference["dit_ddpm_cfg3"]["samples"]
+    assert float(((got - want).abs() / want.abs().clamp_min(1)).max()) <= 1e-3  # another CPU: 6.8e-5; a changed call path: O(1)
+    if pin_machine:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", sorted(DEMO_CASES))
+def test_packed_demo_sampling_matches_the_pins(case, reference):
+    """Packed execution against the (padded) pins, within :func:`assert_near_pins`' bounds. Measured
+    (2026-11-30, 1 thread, the pin machine): demo_ddim_tail03 and demo_ddim_lite_eta1 keep identical
+    traces and differ by ≤ 1.9e-5; in demo_ddpm_cfg4 4 of 80 kept counts differ by 1–3 tokens (images
+    0 and 5, the last two steps), those images then differ by ≤ 0.10 (mean 1.2e-3), the others by ≤ 2.6e-4."""
+    assert_near_pins(_run_case(_demo_model("packed"), DEMO_CASES[case]), reference[case], case)
+
+
+def test_demo_command_png_is_pinned(tmp_path, reference, pin_machine):
+    """Padded execution reproduces the pinned PNG bytes (on the pin machine; elsewhere its pixels
+    within a mean of 0.5 of an 8-bit level); the default (packed) PNG decodes to nearly the same
+    grid: mean |Δ| ≤ 0.5 of a level (a router flip may move some pixels further)."""
     from PIL import Image
 
-    assert _demo_png_sha256(tmp_path / "padded") == reference["demo_png_sha256"]
+    sha = _demo_png_sha256(tmp_path / "padded")
+    padded = np.asarray(Image.open(tmp_path / "padded" / "samples.png")).astype(int)
+    want = reference["demo_png"].numpy().astype(int)
+    assert padded.shape == want.shape and float(np.abs(padded - want).mean()) <= 0.5
+    if pin_machine:
+        assert sha == reference["demo_png_sha256"]
     _demo_png_sha256(tmp_path / "packed", "packed")
-    a, b = (np.asarray(Image.open(tmp_path / e / "samples.png")).astype(int) for e in ("padded", "packed"))
-    assert a.shape == b.shape and float(np.abs(a - b).mean()) <= 0.5
+    packed = np.asarray(Image.open(tmp_path / "packed" / "samples.png")).astype(int)
+    assert padded.shape == packed.shape and float(np.abs(padded - packed).mean()) <= 0.5
 
 
 def main() -> None:
@@ -147,6 +189,10 @@ def main() -> None:
     ref["dit_ddpm_cfg3"] = _run_case(_tiny_dit(), dict(sampler="ddpm", num_sampling_steps=5, cfg_scale=3.0))
     with tempfile.TemporaryDirectory() as tmp:
         ref["demo_png_sha256"] = _demo_png_sha256(Path(tmp))
+        from PIL import Image
+
+        ref["demo_png"] = torch.from_numpy(np.asarray(Image.open(Path(tmp) / "samples.png")).copy())
+    ref["machine"] = machine_signature()
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, REFERENCE)
     print(f"wrote {REFERENCE}")

@@ -21,17 +21,23 @@ from dcdit.release import model_from_release, release_key_map, release_model_con
 
 
 
+# p and the selected probabilities within 5e-6 (max(1, |ref|)-relative): measured 1.3e-6 at 1 thread and
+# 1.6e-6 at 2 on an AMD EPYC (AVX2 kernels), under 1e-6 on the Intel Xeon the fixtures were first
+# matched on; the masks, which p decides, are compared exactly.
+P_TOL = 5e-6
+
+
 def _routing_matches(record, ref, prefix: str, close) -> None:
     """p, both masks, counts and slot order (captured from the official ChunkLayer) exactly as the release."""
     p_ref = ref[f"{prefix}/boundary_prob"][..., 1]
-    assert close(record.p, p_ref, 1e-6)
+    assert close(record.p, p_ref, P_TOL)
     assert torch.equal(record.natural_mask, ref[f"{prefix}/boundary_mask_natural"].bool())
     assert torch.equal(record.kept_mask, ref[f"{prefix}/boundary_mask"].bool())
     assert torch.equal(record.kept_count, ref[f"{prefix}/n_boundaries"])
     assert torch.equal(record.natural_mask.sum(1), ref[f"{prefix}/n_boundaries_natural"])
     assert torch.equal(record.kept_idx, ref[f"{prefix}/chunk_sort_indices"])  # padding slots too: next-highest p
     selected = torch.where(record.natural_mask, record.p, 1 - record.p)
-    assert close(selected, ref[f"{prefix}/selected_probs"][..., 0], 1e-6)
+    assert close(selected, ref[f"{prefix}/selected_probs"][..., 0], P_TOL)
 
 
 @pytest.mark.parametrize("f", ["0.0", "0.3"])
