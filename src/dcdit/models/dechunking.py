@@ -196,8 +196,8 @@ def window_ranges(kept: torch.Tensor, grid: tuple[int, int], sigma: float) -> Wi
 
     first[b, R + r, c] is the packed row of the first kept cell at or after (r, c) in raster order
     (c = W: after row r), from the cumulative kept count; rows off the grid are padding with equal
-    bounds, i.e. empty runs. (Built from two pads and one cumsum: ~35 ops instead of ~60, a third
-    less time on the spread-budget batch; docs/benchmarks.md, issue 17.)"""
+    bounds, i.e. empty runs. (Built from two pads and one cumsum: ~35 ops instead of ~60, 0.68–0.86×
+    the time on the spread-budget batch; docs/benchmarks.md, issue 17.)"""
     H, W = grid
     B, L = kept.shape
     Rr, Rc = axis_radius(H, sigma), axis_radius(W, sigma)  # largest |Δr|, |Δc| kept by the per-axis cut
