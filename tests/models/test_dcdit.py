@@ -145,6 +145,27 @@ def test_encoder_gets_gradient_through_residual_and_inner_path(random_dcdit, hel
         assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in mod.parameters())
 
 
+def test_residual_sum_equals_its_formula_and_leaves_the_dechunked_tokens_alone(random_dcdit, helpers):
+    """The decoder's input is dechunked · 1 + residual_proj(h) exactly (the fused in-place multiply-add
+    of DCDiT.forward), and the de-chunked tokens a forward hook saw are not overwritten by it. Catches
+    the sum written into the de-chunk's output (hooks and the release comparison read it) and a dropped
+    bias or term. (The gate's gradient is checked by the STE chain-rule test above.)"""
+    model = random_dcdit
+    x, t, y = helpers.tiny_inputs(3, seed=2)
+    seen = {}
+    hooks = [model.encoder.register_forward_hook(lambda m, a, o: seen.update(h=o.clone())),
+             model.dechunk.register_forward_hook(lambda m, a, o: seen.update(z=o, z_copy=o.clone())),
+             model.decoder.register_forward_pre_hook(lambda m, a: seen.update(dec_in=a[0].clone()))]
+    with torch.no_grad():
+        model(x, t, y, torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64))
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["z"], seen["z_copy"])
+    want = seen["z_copy"] + model.residual_proj(seen["h"])
+    got = seen["dec_in"].flatten(2).transpose(1, 2)
+    assert torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- batch independence
 
 

@@ -30,11 +30,13 @@ distance table. Which packed form is faster is measured in docs/benchmarks.md ("
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .chunking import RoutingRecord, gather_tokens
 
@@ -97,6 +99,26 @@ def gaussian_factor(n: int, sigma: float, device=None) -> torch.Tensor:
     return axis_kernel(n, sigma, device)[(a[:, None] - a[None, :]).abs()]
 
 
+@functools.lru_cache(maxsize=64)
+def axis_radius(n: int, sigma: float) -> int:
+    """The largest |Δ| < n that :func:`axis_kernel`'s cut keeps, as a Python int. Cached: it is the same
+    for every batch, and computing it costs ~10 small ops and a device sync per call."""
+    return int((axis_kernel(n, sigma) > 0).sum()) - 1
+
+
+@functools.lru_cache(maxsize=16)
+def window_weights(grid: tuple[int, int], sigma: float, R: int, device: torch.device) -> torch.Tensor:
+    """((2R + 1)·(2W − 1),) float32 over the row offsets |Δr| ≤ R (the window's, usually
+    axis_radius(H, σ)): entry (Δr + R)·(2W − 1) + Δc + W − 1 is exp(−Δr²/2σ²)·exp(−Δc²/2σ²), each
+    factor cut by :func:`axis_kernel`. Cached per grid, σ, R and device (a constant that took ~20 small
+    ops per batch to build); made outside inference mode so that training may read it."""
+    H, W = grid
+    with torch.inference_mode(False):
+        dr = torch.arange(-R, R + 1, device=device).abs()
+        dc = torch.arange(-(W - 1), W, device=device).abs()
+        return (axis_kernel(H, sigma, device)[dr][:, None] * axis_kernel(W, sigma, device)[dc][None, :]).reshape(-1)
+
+
 def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """(B, H, W, C) -> (B, H, W, C): out[r, c] = Σ_{r', c'} G[r, r'] G[c, c'] x[r', c'].
 
@@ -118,21 +140,28 @@ def nearest_kept_cell(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     the upper one on a tie. Pass 2, per cell (r, c): the column c' minimising (c − c')² + Δr(r, c')²,
     compared as the integer key d²·L + raster index, so equal distances go to the lowest index. The
     winner of a tie set lies in its column's candidate (the upper of two equal rows has the lower
-    index), so the two passes give the exact global rule."""
+    index), so the two passes give the exact global rule.
+
+    The key splits as (c − c')²·L + [Δr²·L + raster index of the candidate]: a (W, W') table plus a
+    (B, H, W') one, so the (B, H, W, W') table is one broadcast add and one min (int32 when the keys
+    fit): 0.31–0.35× the time of forming d², d²·L and the key as separate int64 tables (spread-budget
+    batch, 1 thread, ad-hoc interleaved script under load; docs/benchmarks.md, issue 17)."""
     H, W = grid
     B, L = kept.shape
-    k = kept.view(B, H, W)
-    rows = torch.arange(H, device=kept.device).view(1, H, 1)
     far = 4 * (H + W)  # farther than any real distance on the grid
+    # largest key: a fake candidate (|Δr| ≤ H + far) in the farthest column; int32 when it fits
+    dtype = torch.int32 if ((H + far) ** 2 + W ** 2 + H + far + 1) * L < 2 ** 31 else torch.long
+    k = kept.view(B, H, W)
+    rows = torch.arange(H, device=kept.device, dtype=dtype).view(1, H, 1)
     above = torch.where(k, rows, -far).cummax(dim=1).values  # nearest kept row ≤ r, per column
     below = torch.where(k, rows, H + far).flip(1).cummin(dim=1).values.flip(1)  # nearest kept row ≥ r
-    take_above = rows - above <= below - rows
-    cand = torch.where(take_above, above, below)  # (B, H, W'): candidate row of column c' for row r
-    dr = (rows - cand).abs()
-    cols = torch.arange(W, device=kept.device)
-    d2 = (cols[:, None] - cols[None, :]) ** 2 + (dr**2)[:, :, None, :]  # (B, H, W, W'), int64
-    key = d2 * L + (cand * W + cols)[:, :, None, :]
-    return (key.min(dim=-1).values % L).view(B, L)
+    up, down = rows - above, below - rows
+    cand = torch.where(up <= down, above, below)  # (B, H, W'): candidate row of column c' for row r
+    cols = torch.arange(W, device=kept.device, dtype=dtype)
+    row_key = torch.minimum(up, down).square_() * L + cand * W + cols  # (B, H, W')
+    col_key = (cols[:, None] - cols[None, :]).square_() * L  # (W, W')
+    key = torch.add(row_key[:, :, None, :], col_key).amin(dim=-1)  # (B, H, W)
+    return key.remainder_(L).view(B, L).long()
 
 
 @dataclass
@@ -167,22 +196,20 @@ def window_ranges(kept: torch.Tensor, grid: tuple[int, int], sigma: float) -> Wi
 
     first[b, R + r, c] is the packed row of the first kept cell at or after (r, c) in raster order
     (c = W: after row r), from the cumulative kept count; rows off the grid are padding with equal
-    bounds, i.e. empty runs."""
+    bounds, i.e. empty runs. (Built from two pads and one cumsum: ~35 ops instead of ~60, 0.68–0.86×
+    the time on the spread-budget batch; docs/benchmarks.md, issue 17.)"""
     H, W = grid
     B, L = kept.shape
-    Rr = int((axis_kernel(H, sigma) > 0).sum()) - 1  # largest |Δr| kept by the per-axis cut
-    Rc = int((axis_kernel(W, sigma) > 0).sum()) - 1
-    flat = kept.reshape(-1)
-    after = flat.cumsum(0).view(B, H, W)  # packed row + 1 of each kept cell
-    first = after.new_zeros(B, H + 2 * Rr, W + 1)
-    first[:, Rr:Rr + H, 1:] = after
-    first[:, Rr:Rr + H, 0] = after[:, :, 0] - kept.view(B, H, W)[:, :, 0].long()
-    cells = flat.nonzero().squeeze(1)  # (T,) flat b·L + l: the packed order
-    b, r, c = cells // L, cells % L // W, cells % W
-    rows = (b * (H + 2 * Rr) + r)[:, None] + torch.arange(2 * Rr + 1, device=kept.device)  # (T, 2R + 1)
-    first = first.view(-1, W + 1)
-    start = first[rows, (c - Rc).clamp(min=0)[:, None]]
-    count = first[rows, (c + Rc + 1).clamp(max=W)[:, None]] - start
+    Rr, Rc = axis_radius(H, sigma), axis_radius(W, sigma)  # largest |Δr|, |Δc| kept by the per-axis cut
+    # an empty column 0 in front of every row: its running count is the count before the row
+    counts = F.pad(kept.view(B, H, W), (1, 0)).reshape(-1).cumsum(0).view(B, H, W + 1)
+    first = F.pad(counts, (0, 0, Rr, Rr)).view(-1, W + 1)  # (B·(H + 2R), W + 1), off-grid rows 0
+    cells = kept.reshape(-1).nonzero().squeeze(1)  # (T,) flat b·L + l: the packed order
+    c = cells % W
+    top = cells // W + cells // L * (2 * Rr)  # row of `first` holding the token's row r − R (offset R)
+    rows = top[:, None] + torch.arange(2 * Rr + 1, device=kept.device)  # (T, 2R + 1)
+    start = first[rows, (c - Rc).clamp_(min=0)[:, None]]
+    count = first[rows, (c + Rc + 1).clamp_(max=W)[:, None]] - start
     return WindowRanges(start, count, c, (Rr, Rc), (H, W), int(count.sum()))
 
 
@@ -200,14 +227,12 @@ def pair_kernel(ranges: WindowRanges, sigma: float, dtype=torch.float32) -> torc
     idx = torch.arange(ranges.pairs, device=device)
     col = idx + torch.repeat_interleave(start.reshape(-1) - run_begin, n, output_size=ranges.pairs)
     # weight table over (Δr + R, Δc + W − 1); run (t, Δr) looks up Δc = c_j − c_t
-    H, W = ranges.grid
-    dr = torch.arange(-Rr, Rr + 1, device=device).abs()
-    dc = torch.arange(-(W - 1), W, device=device).abs()
-    table = axis_kernel(H, sigma, device)[dr][:, None] * axis_kernel(W, sigma, device)[dc][None, :]
+    W = ranges.grid[1]
+    table = window_weights(ranges.grid, sigma, Rr, device)
     run_code = (torch.arange(n_rows, device=device) * (2 * W - 1))[None, :] + (W - 1) - ranges.col[:, None]
     lookup = torch.repeat_interleave(run_code.reshape(-1), n, output_size=ranges.pairs)
     lookup += ranges.col.index_select(0, col)
-    values = table.reshape(-1).index_select(0, lookup).to(dtype)
+    values = table.index_select(0, lookup).to(dtype)
     with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, values, (T, T), check_invariants=False)
