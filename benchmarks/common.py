@@ -18,6 +18,7 @@ import time
 import torch
 
 import dcdit
+from dcdit.utils import cpu_info
 
 #: DC-DiT forward phases, in execution order, and the dcdit.flops components each one contains.
 PHASES = {
@@ -35,15 +36,7 @@ DYNAMIC = ("router", "plan+chunk", "dechunk", "residual")
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_info()["model"]
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -35,19 +35,14 @@ from dcdit.checkpoint import load_model
 from dcdit.cli import DEMO_CHECKPOINT, main as cli_main
 from dcdit.config import build_model
 from dcdit.sampling import generate
+from dcdit.utils import cpu_info
 
 REFERENCE = Path(__file__).parent / "fixtures" / "pinned_outputs.pt"
 
 
 def machine_signature() -> dict:
     """What decides which CPU kernels run: the CPU vendor, torch's kernel level, the torch version."""
-    vendor = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), vendor)
-    except OSError:
-        pass
-    return {"vendor": vendor, "capability": torch.backends.cpu.get_cpu_capability(), "torch": str(torch.__version__)}
+    return {"vendor": cpu_info()["vendor"], "capability": torch.backends.cpu.get_cpu_capability(), "torch": str(torch.__version__)}
 
 TINY_DIT = dict(arch="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dcdit.utils import atomic_write_text
+from dcdit.utils import atomic_write_text, cpu_info
 
 from .plan import LITE_CFG, TAILS, TIMED_BASELINES, TIMING_GROUPS, Recipe, upcycle_points
 from .record import run_folder
@@ -81,7 +81,8 @@ def times_note(timing: dict[str, dict]) -> str:
                 "rest of the study: indicative only until the timing phase has run.")
     g = next(iter(timing.values()))
     sp = g["sampling"]
-    return (f"Times: the timing phase (scripts/mnist_study/timing.py), group by group ({', '.join(timing)}): each group's "
+    groups = ", ".join(f"{n} ({t.get('cpu', 'CPU not recorded')})" for n, t in timing.items())
+    return (f"Times: the timing phase (scripts/mnist_study/timing.py), group by group ({groups}): each group's "
             f"models and the isoparam / isoflop DiT/2 (from their configs) in one process with {g['threads']} thread(s), "
             f"{g['rounds']} interleaved rounds after {g['warmup_rounds']} warm-up, medians; ratios within a group. A training "
             f"step is dcdit.train's step from the run's final weights, a sampling step one step of guided {sp['sampler'].upper()} "
@@ -272,7 +273,8 @@ def router_tables(routers: dict) -> list[str]:
 
 
 def machine() -> str:
-    return (f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+    """This invocation's machine (a record gathers several: each timing group names its own CPU)."""
+    return (f"{platform.node()}: {cpu_info()['model']}, {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) in the study process")
 
 

@@ -70,3 +70,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def cpu_info() -> dict[str, str]:
+    """The CPU's model name and vendor from /proc/cpuinfo ("unknown" where it cannot be read): what
+    benchmarks, timings and pinned outputs record, since CPU kernels and speed depend on them."""
+    import platform
+
+    first: dict[str, str] = {}  # the first processor's block
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                first.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {"model": first.get("model name") or platform.processor() or "unknown", "vendor": first.get("vendor_id", "unknown")}

@@ -40,6 +40,7 @@ from dcdit.checkpoint import read_weights
 from dcdit.config import load_run_config
 from dcdit.train import setup_run, train
 from dcdit.train_log import TrainLogger
+from dcdit.utils import cpu_info
 
 
 def _log_rows(path: Path) -> list[dict]:
@@ -131,6 +132,7 @@ def _check_timing_groups(out: Path, md: str, report: dict) -> None:
         assert set(g["train_s_per_step"]) == {*trained, *TIMED_BASELINES}
         assert {n.split("@")[0] for n in g["sampling_s_per_step"]} == {*sampled, *TIMED_BASELINES}
         assert all(v > 0 for d in ("train_s_per_step", "sampling_s_per_step") for v in g[d].values())
+        assert g["cpu"] == cpu_info()["model"]  # a record gathers groups timed on different machines
     main = timing["timing_main"]
     assert {"dcdit_release_s0@tail0.75", "dcdit_release_s0@litecfg", "demo"} <= set(main["sampling_s_per_step"])
     assert "multibudget_s0@tail0.5" in timing["timing_multibudget"]["sampling_s_per_step"]
