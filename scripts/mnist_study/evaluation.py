@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +94,57 @@ def sample_chunk(model, cfg, per_class: int, seed: int, p: Protocol, tail: float
             "seconds": np.float64(seconds), "settings": np.array(json.dumps(settings))}
 
 
+STALE_CLAIM_S = 3600  # a chunk takes minutes: an hour-old claim is a leftover (e.g. a pid reused on another machine)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(path: Path) -> bool:
+    """Claim the chunk ``path`` for this process: ``<chunk>.claim`` created exclusively, holding the pid.
+    A claim of a process that is gone, or older than :data:`STALE_CLAIM_S`, is taken over. This lets
+    two processes share one evaluation's chunks (each samples the chunks it claims)."""
+    mark = path.with_suffix(".claim")
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid, age = int(mark.read_text()), time.time() - mark.stat().st_mtime
+        except (OSError, ValueError):  # being written, or just removed: its owner is alive
+            return False
+        if _alive(pid) and age < STALE_CLAIM_S:
+            return False
+        mark.unlink(missing_ok=True)
+        return claim(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def sample_all(ckpt: Path, folder: Path, p: Protocol, tail: float, uncond_tail: float | None, label: str) -> tuple[list[dict], dict]:
-    """Every chunk of the evaluation (sampling the missing ones); (chunks, model info)."""
+    """Every chunk of the evaluation (sampling the missing ones this process can claim, waiting for
+    those another process is sampling); (chunks, model info)."""
     model, cfg, step = load_model(ckpt)
     info = {"ckpt": str(ckpt), "step": step, "arch": cfg.model.arch, "params": count_parameters(model)}
+    paths = [folder / f"chunk_{k:03d}.npz" for k in range(len(p.chunks()))]
+    while missing := [k for k, path in enumerate(paths) if not path.exists()]:
+        for k in missing:
+            if not paths[k].exists() and claim(paths[k]):
+                c = sample_chunk(model, cfg, p.chunks()[k], p.seed_base + k, p, tail, uncond_tail)
+                _save_chunk(paths[k], **c)
+                paths[k].with_suffix(".claim").unlink(missing_ok=True)
+                print(f"[eval] {label}: chunk {k + 1}/{len(paths)} in {float(c['seconds']):.0f} s", flush=True)
+        if any(not path.exists() for path in paths):
+            time.sleep(5)  # another process is sampling them
     chunks = []
-    for k, per_class in enumerate(p.chunks()):
-        path = folder / f"chunk_{k:03d}.npz"
-        if not path.exists():
-            c = sample_chunk(model, cfg, per_class, p.seed_base + k, p, tail, uncond_tail)
-            _save_chunk(path, **c)
-            print(f"[eval] {label}: chunk {k + 1}/{len(p.chunks())} in {float(c['seconds']):.0f} s", flush=True)
+    for k, path in enumerate(paths):
         with np.load(path) as z:
             chunk = {key: z[key] for key in z.files}
         want = {**dataclasses.asdict(p), "tail": tail, "uncond_tail": uncond_tail, "seed": p.seed_base + k}

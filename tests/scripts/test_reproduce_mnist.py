@@ -328,3 +328,28 @@ def test_table1_reports_mean_and_sample_std_over_seeds():
     dc = next(l for l in lines if l.startswith("| DC-DiT (release-exact)"))
     assert "| 2 |" in dc and "12.0 ± 2.8" in dc and "0.920 ± 0.028" in dc and "0.0310 ± 0.0014" in dc
     assert "| 30.0 |" in next(l for l in lines if l.startswith("| DiT/2 isoparam"))
+
+
+def test_a_chunk_is_claimed_by_one_live_process_at_a_time(tmp_path):
+    """Two processes evaluating one model share its chunks: a live process's fresh claim holds, a
+    dead process's or an hour-old claim is taken over (a claim that never expired would stall the
+    evaluation forever)."""
+    import os
+    import subprocess
+    import time
+
+    from mnist_study.evaluation import STALE_CLAIM_S, claim
+
+    chunk = tmp_path / "chunk_000.npz"
+    mark = chunk.with_suffix(".claim")
+    assert claim(chunk) and mark.read_text() == str(os.getpid())
+    mark.write_text(str(os.getppid()))  # another live process
+    assert not claim(chunk) and mark.read_text() == str(os.getppid())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mark.write_text(str(dead.pid))
+    assert claim(chunk) and mark.read_text() == str(os.getpid())
+    mark.write_text(str(os.getppid()))
+    old = time.time() - STALE_CLAIM_S - 1
+    os.utime(mark, (old, old))
+    assert claim(chunk) and mark.read_text() == str(os.getpid())
