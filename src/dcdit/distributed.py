@@ -24,10 +24,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher (torchrun) set it; 0 when not launched distributed."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Initialise the process group when launched with several processes; pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

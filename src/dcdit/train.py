@@ -47,6 +47,7 @@ from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_
 from .models.embedders import LabelEmbedder
 from .models.interface import predict, routes_tokens
 from .preemption import StopSignals, TrainingInterrupted
+from .run_lock import run_lock
 from .ratio_loss import curriculum_target_ratio, ratio_loss
 from .train_log import TrainLogger
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
@@ -539,6 +540,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, resume: bool = False, devi
     Returns the summary also written to ``train_summary.json``. Raises :class:`TrainingDiverged`
     when the loss or the weights stop being finite, and
     :class:`~dcdit.preemption.TrainingInterrupted` after the checkpoint a SIGTERM / SIGINT asked for."""
+    with run_lock(run_dir, enabled=D.launch_rank() == 0):  # one process per run folder (dcdit.run_lock)
+        return _train(cfg, run_dir, resume, device, progress, allow_changed)
+
+
+def _train(cfg: RunConfig, run_dir, resume: bool, device: str | None, progress: bool, allow_changed: bool) -> dict:
     run = setup_run(cfg, run_dir, resume, device, allow_changed)
     tc = run.cfg.train
     logger = TrainLogger(run.cfg, run.run_dir, run.dist, total_steps=tc.steps, start_step=run.step,
