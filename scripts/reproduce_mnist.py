@@ -209,10 +209,10 @@ def main(argv=None) -> int:
                     done = finished(out)
                     write_report(out, selection=state["selection"], routers=state["routers"], **report, plot=False)
                     if record is not None:
-                        sync(out, record, runs)
+                        sync(out, record, steps_of)
         path = write_report(out, selection=state["selection"], routers=state["routers"], **report)
         if record is not None:
-            sync(out, record, runs)
+            sync(out, record, steps_of)
     except StudyError as e:
         print(f"reproduce_mnist: {e}", file=sys.stderr)
         return 1

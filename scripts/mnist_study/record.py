@@ -65,15 +65,16 @@ def _copy_if_changed(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def sync(out: Path, record: Path, runs: list[str]) -> None:
+def sync(out: Path, record: Path, steps_of: dict[str, int]) -> None:
     """Copy the study folder's finished files into the record. A run's files go in only when the run
-    got at least as far as the record's (a retrain that stopped early never replaces a full run)."""
+    is finished (``steps_of``: run -> its steps; not a pause at a branch step) and got at least as far
+    as the record's (a retrain that stopped early never replaces a full run)."""
     for pattern in (*SHARED, *REPORT):
         for src in out.glob(pattern):
             _copy_if_changed(src, record / src.relative_to(out))
-    for run in runs:
+    for run, steps in steps_of.items():
         step = trained_step(out / run)
-        if step and step >= trained_step(record / run):
+        if step >= steps and step >= trained_step(record / run):
             for name in RUN_FILES:
                 if (out / run / name).exists():
                     _copy_if_changed(out / run / name, record / run / name)

@@ -31,7 +31,7 @@ from mnist_study.plan import (
     upcycle_points,
     weights_read,
 )
-from mnist_study.record import compare_retrain
+from mnist_study.record import compare_retrain, sync
 from mnist_study.report import step_times, table1
 from mnist_study.timing import training_step
 from mnist_study.training import StudyError, dcdit, train_run
@@ -98,6 +98,11 @@ def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record
 
     # a later session: a fresh folder and the record -> the same report, nothing trained or sampled
     assert not any(p.suffix == ".safetensors" for p in record.glob("**/*"))  # no weights in the record
+    paused = tmp_path / "paused"  # a run paused at its branch step is not finished: not recorded
+    shutil.copytree(out / "dcdit_release_s0", paused / "dcdit_release_s0", ignore=shutil.ignore_patterns("checkpoints"))
+    (paused / "dcdit_release_s0" / "train_summary.json").write_text(json.dumps({"step": SMOKE.multibudget_start}))
+    sync(paused, tmp_path / "paused_record", {"dcdit_release_s0": SMOKE.steps})
+    assert not (tmp_path / "paused_record" / "dcdit_release_s0").exists()
     assert reproduce_mnist.main(["--out", str(tmp_path / "later"), *argv, str(record)]) == 0
     later = capsys.readouterr().out
     assert "restored" in later and "to step" not in later and "chunk" not in later and "[timing]" not in later
