@@ -39,6 +39,7 @@ from dcdit.evaluation.mnist_classifier import (
     uint8_to_mnist,
 )
 from dcdit.flops import sampling_flops
+from dcdit.run_lock import pid_alive
 from dcdit.sampling import generate, to_uint8_images
 from dcdit.utils import atomic_write_bytes, atomic_write_text
 from dcdit.viz import save_image_grid
@@ -97,16 +98,6 @@ def sample_chunk(model, cfg, per_class: int, seed: int, p: Protocol, tail: float
 STALE_CLAIM_S = 3600  # a chunk takes minutes: an hour-old claim is a leftover (e.g. a pid reused on another machine)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim(path: Path) -> bool:
     """Claim the chunk ``path`` for this process: ``<chunk>.claim`` created exclusively, holding the pid.
     A claim of a process that is gone, or older than :data:`STALE_CLAIM_S`, is taken over. This lets
@@ -119,7 +110,7 @@ def claim(path: Path) -> bool:
             pid, age = int(mark.read_text()), time.time() - mark.stat().st_mtime
         except (OSError, ValueError):  # being written, or just removed: its owner is alive
             return False
-        if _alive(pid) and age < STALE_CLAIM_S:
+        if pid_alive(pid) and age < STALE_CLAIM_S:
             return False
         mark.unlink(missing_ok=True)
         return claim(path)

@@ -26,7 +26,8 @@ class RunLocked(DcditError):
     """Another live process is training this run folder."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def acquire(run_dir: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             owner = _owner(lock)
-            if owner is None or owner[0] != socket.gethostname() or _alive(owner[1]):
+            if owner is None or owner[0] != socket.gethostname() or pid_alive(owner[1]):
                 who = "a process starting up" if owner is None else f"process {owner[1]} on {owner[0]}"
                 raise RunLocked(f"{run_dir} is being trained by {who} ({lock}): wait for it to finish or stop it; "
                                 f"if no process is training it, delete {lock}") from None
