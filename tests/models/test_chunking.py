@@ -15,7 +15,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dcdit.models.chunking import plan_slots, route_and_plan, tail_drop
+from dcdit.models.chunking import plan_slots, route_and_plan, sort_key, tail_drop
 
 
 def exact_floor(f, n: int) -> int:
@@ -142,6 +142,24 @@ def test_plan_slots_matches_brute_force(seed):
     assert kept_idx.dtype == torch.long and kept_count.dtype == torch.long
     assert kept_idx.tolist() == rows
     assert kept_count.tolist() == cnt
+
+
+def test_sort_key_orders_like_the_floats():
+    """The int64 keys sort exactly as the float64 values do (stable: equal values keep index order),
+    across the values routing meets: 0 and −0 (equal), denormals, ties, 1, p-derived keys above 1, inf."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 300, generator=g, dtype=torch.float64)
+    x[0, :40] = 0.0
+    x[0, 40:80] = -0.0
+    x[1, ::3] = 0.5  # ties
+    x[2, :50] = torch.tensor(5e-324, dtype=torch.float64) * torch.arange(50)  # denormals and 0
+    x[3, ::2] = float("inf")
+    x[4] = 1025.0 - torch.rand(300, generator=g).double()  # plan_slots' keys L + 1 − p
+    x[5] = torch.rand(300, generator=g).double().round(decimals=1)  # many ties
+    expected = torch.sort(x, dim=1, stable=True).indices
+    assert torch.equal(torch.sort(sort_key(x), dim=1, stable=True).indices, expected)
+    # a sort key that drops the sign handling would order −0 before +0: row 0 checks it is not so
+    assert expected[0, :80].tolist() == list(range(80))
 
 
 def test_route_and_plan_record_fields():
