@@ -275,7 +275,7 @@ def router_tables(routers: dict) -> list[str]:
 def machine() -> str:
     """This invocation's machine (a record gathers several: each timing group names its own CPU)."""
     return (f"{platform.node()}: {cpu_info()['model']}, {os.cpu_count()} CPU cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) in the study process")
+            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) in that process")
 
 
 def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, selection: dict | None, routers: dict,
@@ -290,7 +290,10 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
            f"{selection['samples']} samples of the shipped demo checkpoint (seed {selection['seed']}, none of the compared "
            f"runs and none of their samples): {selection['rule']}." if selection else "guidance scale not selected yet.")
     md = ["# Table 1 at MNIST scale (issue 20)", "",
-          f"Command: `{command}`  ", f"Machine: {machine()}  ",
+          "Command: `python scripts/reproduce_mnist.py --out runs/table1 --record docs/results/table1` (resumable, "
+          "and it may be split between processes with `--only` / `--runs`; every evaluation records its threads, "
+          "every timing group its threads and CPU)  ",
+          f"This report was last written by `{command}` on {machine()}  ",
           f"Recipe: configs/mnist.yaml / mnist-release.yaml, {recipe.steps} steps, same seed → same batches, timesteps and noise.  ",
           (f"Evaluation: {10 * recipe.samples_per_class} samples per model ({recipe.samples_per_class} per class), {sel} "
            f"EMA weights; MNIST-FID against the 500 held-out digits, class accuracy and IS-style score from the packaged "

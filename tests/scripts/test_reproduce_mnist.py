@@ -106,7 +106,7 @@ def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record
     assert reproduce_mnist.main(["--out", str(tmp_path / "later"), *argv, str(record)]) == 0
     later = capsys.readouterr().out
     assert "restored" in later and "to step" not in later and "chunk" not in later and "[timing]" not in later
-    header = 3  # title, command, machine
+    header = 4  # title, blank, the study command, the invocation that wrote the report
     assert (tmp_path / "later" / "results.md").read_text().splitlines()[header:] == md.splitlines()[header:]
 
     # ... and with one recorded evaluation gone, the run it reads is trained again only to that step,
