@@ -93,6 +93,13 @@ def router(out: Path, task: RouterAnalysis, recipe: Recipe, ckpt: Path) -> dict:
     return json.loads((folder / "router_analysis.json").read_text())
 
 
+def finished_routers(out: Path, plan: list) -> dict[str, dict]:
+    """The router analyses finished here or in the record, so that the reports written before the
+    loop reaches the router phase show them too (a report is rewritten whenever anything finishes)."""
+    paths = {t.name: out / "router" / t.name / "router_analysis.json" for t in plan if isinstance(t, RouterAnalysis)}
+    return {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()}
+
+
 def checkpoint(out: Path, run: str, step: int | None, steps_of: dict[str, int]) -> Path | None:
     """The weights an evaluation reads, or None while they are not trained yet."""
     if run == "demo":
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
         steps_of = {t.name: t.steps for t in plan if isinstance(t, Run)}
         report = {"recipe": recipe, "seeds": seeds, "command": command, "train_runs": runs,
                   "eval_order": [t.name for t in plan if isinstance(t, Evaluation)]}
-        state = {"selection": read_selection(out), "routers": {},
+        state = {"selection": read_selection(out), "routers": finished_routers(out, plan),
                  "pending": [t for t in plan if selected(t, phases, args.runs) and not task_done(out, t, steps_of)]}
         t0, done = time.perf_counter(), finished(out)
         for task in plan:

@@ -51,7 +51,7 @@ def _log_rows(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ end to end
 
 
-def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record(tmp_path, capsys):
+def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record(tmp_path, capsys, monkeypatch):
     """Every phase wired on a tiny model: the report with its table, verdicts, plot and grids. Checks
     that the runs of a seed share seed and batch (the paired comparison's premise), that the
     multi-budget run is the DC-DiT up to its branch step and tail-drops after it, that a second
@@ -115,7 +115,18 @@ def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record
     shutil.copytree(record, partial)
     shutil.rmtree(partial / "eval" / "dcdit_release_s0@step2")
     again = tmp_path / "again"
+    verdict_lines, write_report = [], reproduce_mnist.write_report
+
+    def spy(*args, **kwargs):  # every report, also those written while the retrain runs (main phase)
+        path = write_report(*args, **kwargs)
+        verdict_lines.append([line for line in path.read_text().splitlines() if line.startswith("- **(b)")])
+        return path
+
+    monkeypatch.setattr(reproduce_mnist, "write_report", spy)
     assert reproduce_mnist.main(["--out", str(again), *argv, str(partial)]) == 0
+    # the recorded router analyses are in every report, not only in those written after the router phase
+    assert len(verdict_lines) > 1 and all(v == verdict_lines[-1] for v in verdict_lines)
+    assert "undecided" not in verdict_lines[-1][0]
     log = capsys.readouterr().out
     assert "dcdit_release_s0: recorded, its weights are not; trained again to step 2" in log
     trained = [line.split(";")[0] for line in log.splitlines() if ": to step" in line]  # through its stop at step 1
