@@ -187,8 +187,13 @@ def tail_name(model: str, f: float) -> str:
     return model if (model == "dcdit_release_s0" and f == 0) else f"{model}@tail{f}"
 
 
+#: The reference points of the elastic plot: a DC-DiT setting to the left of a baseline with better
+#: quality gives that quality for fewer FLOPs than a DiT/2 of the same seed.
+ELASTIC_BASELINES = "DiT/2 baselines (seed 0)"
+
+
 def elastic_rows(results: dict) -> dict[str, list[tuple[str, dict]]]:
-    """model -> [(setting, score)] of tail-drop fractions and Lite-CFG."""
+    """model -> [(setting, score)] of tail-drop fractions and Lite-CFG, then the seed-0 DiT/2 baselines."""
     rows = {}
     for model in ("dcdit_release_s0", "multibudget_s0"):
         pts = [(f"tail {f:g}", results[tail_name(model, f)]) for f in TAILS if tail_name(model, f) in results]
@@ -196,6 +201,9 @@ def elastic_rows(results: dict) -> dict[str, list[tuple[str, dict]]]:
             pts.append((f"Lite-CFG {LITE_CFG[0]:g}/{LITE_CFG[1]:g}", results[f"{model}@litecfg"]))
         if pts:
             rows[model] = pts
+    baselines = [(name.split("_")[0], results[name]) for name in ("isoparam_s0", "isoflop_s0") if name in results]
+    if rows and baselines:
+        rows[ELASTIC_BASELINES] = baselines
     return rows
 
 
@@ -209,7 +217,7 @@ def elastic_plot(rows: dict, path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (model, pts), marker in zip(rows.items(), "os"):
+    for (model, pts), marker in zip(rows.items(), "osD"):
         x = [r["gflops_per_image"] for _, r in pts]
         for ax, key, ci in ((axes[0], "mnist_fid", "fid_ci"), (axes[1], "class_accuracy", "acc_ci")):
             y = [r[key] for _, r in pts]
@@ -217,8 +225,8 @@ def elastic_plot(rows: dict, path: Path) -> str | None:
             ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=model, linestyle="none")
             for (setting, _), xi, yi in zip(pts, x, y):
                 ax.annotate(setting, (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    axes[0].set(xlabel="measured GFLOPs / image", ylabel="MNIST-FID (95% CI)", title="quality vs compute")
-    axes[1].set(xlabel="measured GFLOPs / image", ylabel="class accuracy (95% CI)")
+    axes[0].set(xlabel="measured GFLOPs / image", ylabel="MNIST-FID ↓ (95% CI)", title="quality vs compute")
+    axes[1].set(xlabel="measured GFLOPs / image", ylabel="class accuracy ↑ (95% CI)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from mnist_study.plan import (
     weights_read,
 )
 from mnist_study.record import compare_retrain, sync
-from mnist_study.report import step_times, table1
+from mnist_study.report import ELASTIC_BASELINES, elastic_rows, step_times, table1
 from mnist_study.timing import training_step
 from mnist_study.training import StudyError, dcdit, train_run
 
@@ -219,6 +219,19 @@ def test_step_times_come_from_one_source():
     assert step_times(out, "dcdit_release_s0@tail0.5", r, timing) == (None, 0.25, 1.0, 0.2)
     assert step_times(out, "random_s0", r, timing) == (1.5, 0.3, 1.2, 0.25)
     assert step_times(out, "dcdit_release_s1", r, timing) == (None, None, None, None)
+
+
+def test_elastic_rows_put_the_seed_0_baselines_next_to_the_settings():
+    """The elastic plot's series: each DC-DiT's tail-drop fractions in order and Lite-CFG, then the seed-0
+    isoparam / isoflop DiT/2 as reference points (not other seeds'; none while no setting is evaluated)."""
+    score = lambda g: {"gflops_per_image": g, "mnist_fid": 10.0, "class_accuracy": 0.5}  # noqa: E731
+    results = {"isoparam_s0": score(30), "isoflop_s0": score(55), "isoflop_s1": score(56)}
+    assert elastic_rows(results) == {}
+    results |= {"dcdit_release_s0@tail0.5": score(36), "dcdit_release_s0": score(57), "dcdit_release_s0@litecfg": score(41)}
+    rows = elastic_rows(results)
+    assert list(rows) == ["dcdit_release_s0", ELASTIC_BASELINES]
+    assert [(s, r["gflops_per_image"]) for s, r in rows["dcdit_release_s0"]] == [("tail 0", 57), ("tail 0.5", 36), ("Lite-CFG 0/0.9", 41)]
+    assert [(s, r["gflops_per_image"]) for s, r in rows[ELASTIC_BASELINES]] == [("isoparam", 30), ("isoflop", 55)]
 
 
 def test_a_retrain_that_does_not_repeat_the_recorded_run_says_where_it_parts(tmp_path):
