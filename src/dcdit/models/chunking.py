@@ -105,11 +105,11 @@ def drop_counts(n: torch.Tensor, f: torch.Tensor, rounding: str = "tolerant") ->
 
 def sort_key(x: torch.Tensor) -> torch.Tensor:
     """float64 x ≥ +0 (no NaN) -> int64 keys in the same order: the bit patterns of non-negative IEEE
-    doubles order like their values, so a stable sort of the keys is the stable sort of x. Why: torch's
-    CPU stable sort takes 0.31× the time on int64 keys as on float64 ones ((8, 1024), 1 thread, ad-hoc
-    script under load: 0.13 ms against 0.41), and the two sorts of routing were a third of plan + chunk
-    (docs/benchmarks.md, issue 17). A +0.0
-    added first turns a −0.0 (a negative bit pattern) into +0.0, which compares equal to it."""
+    doubles order like their values, so a stable sort of the keys is the stable sort of x. A +0.0 added
+    first turns a −0.0 (a negative bit pattern) into +0.0, which compares equal to it. Why: torch's CPU
+    stable sort takes 0.31× the time on int64 keys as on float64 ones ((8, 1024), 1 thread, ad-hoc script
+    under load: 0.13 ms against 0.41), and routing's two sorts were ~45% of the operator time of route +
+    plan + chunk (torch.profiler, spread-budget batch; docs/benchmarks.md, issue 17)."""
     return (x + 0.0).view(torch.int64)
 
 
