@@ -201,7 +201,7 @@ def elastic_rows(results: dict) -> dict[str, list[tuple[str, dict]]]:
             pts.append((f"Lite-CFG {LITE_CFG[0]:g}/{LITE_CFG[1]:g}", results[f"{model}@litecfg"]))
         if pts:
             rows[model] = pts
-    baselines = [(name.split("_")[0], results[name]) for name in ("isoparam_s0", "isoflop_s0") if name in results]
+    baselines = [(name.split("_")[0], results[name]) for name in TIMED_BASELINES if name in results]
     if rows and baselines:
         rows[ELASTIC_BASELINES] = baselines
     return rows

@@ -47,8 +47,8 @@ from .models.dydit import dydit_flops_loss, dydit_flops_ratio, flops_target, is_
 from .models.embedders import LabelEmbedder
 from .models.interface import predict, routes_tokens
 from .preemption import StopSignals, TrainingInterrupted
-from .run_lock import run_lock
 from .ratio_loss import curriculum_target_ratio, ratio_loss
+from .run_lock import run_lock
 from .train_log import TrainLogger
 from .upcycle import distillation_loss, freeze_embedders, load_pretrained_dit, upcycle, upcycled_config
 
