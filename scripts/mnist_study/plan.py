@@ -82,6 +82,10 @@ class Recipe:
         return max(1, self.steps // 4)
 
     @property
+    def upcycle_mse_window(self) -> int:  # the upcycling table's training ε-MSE: the 100 steps up to a point
+        return max(1, self.steps // 30)
+
+    @property
     def distill_steps(self) -> int:
         return max(1, self.steps // 10)
 

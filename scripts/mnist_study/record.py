@@ -33,7 +33,7 @@ from .training import trained_step
 SHARED = ("selection/selection.json", "selection/*/result.json", "eval/*/result.json", "eval/*/grid.png",
           "router/*/router_analysis.json", "timing/*.json", "configs/*.yaml", "retrains.json")
 #: Written by the report; recorded, never restored (the report rewrites them).
-REPORT = ("results.md", "results.json", "elastic.png")
+REPORT = ("results.md", "results.json", "elastic.png", "upcycling.png")
 #: A run's recorded files (the weights are not among them).
 RUN_FILES = ("train_summary.json", "log.csv")
 RECORDED = "recorded"  # <out>/recorded/<run>/: the record's run files
@@ -89,6 +89,17 @@ def run_folder(out: Path, run: str) -> Path:
 def recorded_step(out: Path, run: str) -> int:
     """The step the record says the run reached (0: not recorded)."""
     return trained_step(out / RECORDED / run)
+
+
+def mse_curve(out: Path, run: str) -> dict[int, float]:
+    """Logged step -> the run's ε-MSE (each row the mean over the steps since the previous row), for
+    the rows trained on the diffusion loss: an upcycling run's distillation warm-up logs no ε-MSE."""
+    log = run_folder(out, run) / "log.csv"
+    if not log.exists():
+        return {}
+    with open(log) as f:
+        return {int(r["step"]): float(r["mse"]) for r in csv.DictReader(f)
+                if r.get("mse") and not float(r.get("distill_loss") or 0)}
 
 
 def _logged(log: Path) -> dict[int, dict]:

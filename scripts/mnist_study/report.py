@@ -1,12 +1,11 @@
 """``<out>/results.md`` and ``results.json``: the Table-1-shaped table (mean ± std over seeds), the
 per-model detail with bootstrap intervals, compute and time next to the FLOP ratio, the paired
-training ε-MSE, the verdicts on claims (a)–(e) (:mod:`.rules`), elastic inference (with its plot),
-upcycling and DyDiT, the router tables, sample grids, the command and the machine. Written from
-whatever is finished, so it can be read at any point of the study."""
+training ε-MSE, the verdicts on claims (a)–(e) (:mod:`.rules`), elastic inference and upcycling (each
+with its plot, :mod:`.figures`), DyDiT, the router tables, sample grids, the command and the machine.
+Written from whatever is finished, so it can be read at any point of the study."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -18,9 +17,10 @@ import torch
 
 from dcdit.utils import atomic_write_text, cpu_info
 
+from .figures import elastic_plot, upcycling_plot
 from .plan import LITE_CFG, TAILS, TIMED_BASELINES, TIMING_GROUPS, Recipe, upcycle_points
-from .record import run_folder
-from .rules import ci_order, verdict_a, verdict_b, verdict_c, verdict_d, verdict_e
+from .record import mse_curve, run_folder
+from .rules import ci_order, first_step_reaching, verdict_a, verdict_b, verdict_c, verdict_d, verdict_e, window_mean
 
 TABLE1 = [("DC-DiT (release-exact)", "dcdit_release"), ("DiT/2 isoparam", "isoparam"), ("DiT/2 isoflop", "isoflop")]
 ABLATIONS = [("DC-DiT, random router", "random_s0"), ("DC-DiT, multi-budget", "multibudget_s0@tail0.0"),
@@ -93,12 +93,7 @@ def times_note(timing: dict[str, dict]) -> str:
 def window_mse(out: Path, run: str, end: int, window: int) -> float | None:
     """Mean logged ε-MSE of ``run`` over steps (end − window, end]: the same steps, hence the same
     batches, timesteps and noise, for every run of a seed."""
-    log = run_folder(out, run) / "log.csv"
-    if not log.exists():
-        return None
-    with open(log) as f:
-        vals = [float(r["mse"]) for r in csv.DictReader(f) if end - window < int(r["step"]) <= end and r.get("mse")]
-    return sum(vals) / len(vals) if vals else None
+    return window_mean(mse_curve(out, run), end, window)
 
 
 def _ci(r: dict, key: str, ci: str, digits: int) -> str:
@@ -207,59 +202,60 @@ def elastic_rows(results: dict) -> dict[str, list[tuple[str, dict]]]:
     return rows
 
 
-def elastic_plot(rows: dict, path: Path) -> str | None:
-    """MNIST-FID and class accuracy against measured GFLOPs per image, one line per model."""
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (model, pts), marker in zip(rows.items(), "osD"):
-        x = [r["gflops_per_image"] for _, r in pts]
-        for ax, key, ci in ((axes[0], "mnist_fid", "fid_ci"), (axes[1], "class_accuracy", "acc_ci")):
-            y = [r[key] for _, r in pts]
-            err = [[r[key] - r[ci][0] for _, r in pts], [r[ci][1] - r[key] for _, r in pts]]
-            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=model, linestyle="none")
-            for (setting, _), xi, yi in zip(pts, x, y):
-                ax.annotate(setting, (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    axes[0].set(xlabel="measured GFLOPs / image", ylabel="MNIST-FID ↓ (95% CI)", title="quality vs compute")
-    axes[1].set(xlabel="measured GFLOPs / image", ylabel="class accuracy ↑ (95% CI)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
 def _score_cells(r: dict | None) -> str:
     if r is None:
         return "– | –"
     return f"{_ci(r, 'mnist_fid', 'fid_ci', 1)} | {_ci(r, 'class_accuracy', 'acc_ci', 3)}"
 
 
-def upcycling_table(results: dict, recipe: Recipe) -> list[str]:
-    lines = ["| step | from scratch: MNIST-FID | accuracy | upcycled: MNIST-FID | accuracy | upcycled + distillation: MNIST-FID | accuracy |",
-             "|---|---|---|---|---|---|---|"]
-    for step in upcycle_points(recipe):
-        cells = [_score_cells(results.get(f"{n}@step{step}")) for n in ("dcdit_release_s0", "upcycle_s0", "upcycle_distill_s0")]
+#: §4.4's runs: label -> run. The upcycled runs start from isoparam_s0's final weights (plan.py).
+UPCYCLING = {"from scratch": "dcdit_release_s0", "upcycled": "upcycle_s0", "upcycled + distillation": "upcycle_distill_s0"}
+
+
+def upcycling_section(results: dict, out: Path, recipe: Recipe, plot: bool) -> list[str]:
+    """Quality against training steps: the evaluated checkpoints' scores and each run's training ε-MSE
+    up to them (same seed: same batches, timesteps and noise), whether the upcycled runs reach the
+    from-scratch run's final MNIST-FID, and how many from-scratch steps their final ε-MSE is worth."""
+    points, w = upcycle_points(recipe), recipe.upcycle_mse_window
+    curves = {label: mse_curve(out, run) for label, run in UPCYCLING.items()}
+    scores = {label: {s: results[f"{run}@step{s}"] for s in points if f"{run}@step{s}" in results} for label, run in UPCYCLING.items()}
+    lines = ["| step | " + " | ".join(f"{label}: MNIST-FID | accuracy | ε-MSE" for label in UPCYCLING) + " |", "|---" * 10 + "|"]
+    for step in points:
+        cells = []
+        for label in UPCYCLING:
+            cells.append(f"{_score_cells(scores[label].get(step))} | {_mean_cell(window_mean(curves[label], step, w))}")
         lines.append(f"| {step} | {' | '.join(cells)} |")
-    lines.append(f"| {recipe.steps} (scratch, end) | {_score_cells(results.get('dcdit_release_s0'))} | | | | |")
-    final = results.get("dcdit_release_s0")
-    for name in ("upcycle_s0", "upcycle_distill_s0") if final else ():
-        done = [s for s in upcycle_points(recipe) if f"{name}@step{s}" in results]
-        reached = [s for s in done if ci_order(results[f"{name}@step{s}"], final) != "above"]
-        if done:  # §4.4's question: is the from-scratch quality reached in fewer steps?
-            lines += ["", f"`{name}` reaches the from-scratch {recipe.steps}-step MNIST-FID interval (overlapping or below) "
+    final, scratch = results.get(UPCYCLING["from scratch"]), curves["from scratch"]
+    lines.append(f"| {recipe.steps} (from scratch, end) | {_score_cells(final)} | "
+                 f"{_mean_cell(window_mean(scratch, recipe.steps, w))} | | | | | | |")
+    lines += ["", f"ε-MSE: the mean logged training ε-MSE over the {w} steps up to the point (–: none logged, as in a "
+                  f"distillation warm-up, which trains on the teacher's activations; its {recipe.distill_steps} steps count "
+                  "in the run's steps). The upcycled runs also reuse isoparam_s0's "
+                  f"{recipe.steps} steps, which §4.4 counts as the pretrained model's, not the DC-DiT's."]
+    for label, run in list(UPCYCLING.items())[1:]:
+        done = sorted(scores[label])
+        if final and done:  # §4.4's question: is the from-scratch quality reached in fewer steps?
+            reached = [s for s in done if ci_order(scores[label][s], final) != "above"]
+            lines += ["", f"`{run}` reaches the from-scratch {recipe.steps}-step MNIST-FID interval (overlapping or below) "
                           + (f"at step {reached[0]}" if reached else f"at none of steps {done}") + "."]
+        end = window_mean(curves[label], recipe.upcycle_steps, w)
+        if end is not None and scratch:
+            at = first_step_reaching(scratch, end, w)
+            lines += ["", f"`{run}`'s ε-MSE at step {recipe.upcycle_steps} ({end:.4f}) is reached from scratch "
+                          + (f"at step {at} ({at / recipe.upcycle_steps:.1f}× the steps)." if at else
+                             f"in none of its {max(scratch)} steps.")]
+    drawn = plot and upcycling_plot(curves, scores, final, out / "upcycling.png")
+    if drawn or (not plot and (out / "upcycling.png").exists()):
+        lines += ["", "![quality against training steps](upcycling.png)"]
     return lines
 
 
+def _mean_cell(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
 def dydit_table(results: dict, out: Path, timing: dict | None) -> list[str]:
-    lines = [times_note(timing), "", "| model | GFLOPs / img | sampling s / step | fine-tune s / step | MNIST-FID [95% CI] | class acc [95% CI] |",
+    lines = ["Times as in *Every evaluation* (the dydit timing group).", "", "| model | GFLOPs / img | sampling s / step | fine-tune s / step | MNIST-FID [95% CI] | class acc [95% CI] |",
              "|---|---|---|---|---|---|"]
     for name in ("demo", "demo_finetune", "dydit_demo"):
         if name in results:
@@ -288,12 +284,12 @@ def machine() -> str:
 
 def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, selection: dict | None, routers: dict,
                  train_runs: list[str], eval_order: list[str] = (), plot: bool = True) -> Path:
-    """results.md and results.json; ``plot=False`` keeps the elastic plot as it is (drawing it takes a second)."""
+    """results.md and results.json; ``plot=False`` keeps the plots as they are (drawing them takes seconds)."""
     results, timing = load_results(out, eval_order), load_timing(out)
     mse, mse_lines = paired_mse(out, train_runs, recipe)
     verdict_list = verdicts(results, routers, seeds)
     rows = elastic_rows(results)
-    plot = elastic_plot(rows, out / "elastic.png") if plot else ("elastic.png" if (out / "elastic.png").exists() else None)
+    elastic = elastic_plot(rows, out / "elastic.png") if plot else ("elastic.png" if (out / "elastic.png").exists() else None)
     sel = (f"DDPM {recipe.sampling_steps} steps, guidance scale **{selection['cfg_scale']:g}**, chosen on "
            f"{selection['samples']} samples of the shipped demo checkpoint (seed {selection['seed']}, none of the compared "
            f"runs and none of their samples): {selection['rule']}." if selection else "guidance scale not selected yet.")
@@ -316,9 +312,9 @@ def write_report(out: Path, recipe: Recipe, seeds: list[int], command: str, sele
     for model, pts in rows.items():
         md += [f"`{model}`: " + "; ".join(f"{s}: {r['gflops_per_image']:.2f} GFLOPs, MNIST-FID {r['mnist_fid']:.1f}, "
                                           f"accuracy {r['class_accuracy']:.3f}" for s, r in pts), ""]
-    if plot:
-        md += [f"![quality against measured FLOPs]({plot})", ""]
-    md += ["## Upcycling (§4.4)", "", *upcycling_table(results, recipe), "", "## DyDiT (§4.5)", "", *dydit_table(results, out, timing), "",
+    if elastic:
+        md += [f"![quality against measured FLOPs]({elastic})", ""]
+    md += ["## Upcycling (§4.4)", "", *upcycling_section(results, out, recipe, plot), "", "## DyDiT (§4.5)", "", *dydit_table(results, out, timing), "",
            "## Routers", *router_tables(routers), "", "## Sample grids (columns = classes 0–9)", ""]
     md += [f"`{n}`: ![]({Path('eval') / n / 'grid.png'})  " for n in results if (out / "eval" / n / "grid.png").exists()]
     path = out / "results.md"

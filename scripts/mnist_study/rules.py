@@ -161,3 +161,15 @@ def verdict_e(curve: dict[float, dict], model: str) -> Verdict:
     if all(d <= SMOOTH_ACC_DROP and r <= SMOOTH_FID_FACTOR for d, r in parts.values()):
         return Verdict("e", "holds", f"accuracy within {SMOOTH_ACC_DROP} and MNIST-FID within ×{SMOOTH_FID_FACTOR} up to f = 0.5 ({detail})")
     return Verdict("e", "undecided", f"between smooth and a cliff ({detail})")
+
+
+def window_mean(curve: dict[int, float], end: int, window: int) -> float | None:
+    """Mean of a logged curve (step -> value) over steps (end − window, end]."""
+    vals = [v for s, v in curve.items() if end - window < s <= end]
+    return sum(vals) / len(vals) if vals else None
+
+
+def first_step_reaching(curve: dict[int, float], target: float, window: int) -> int | None:
+    """§4.4's question on the training loss: the first logged step s ≥ ``window`` at which the curve's
+    mean over (s − window, s] is at most ``target``; None when it never is."""
+    return next((s for s in sorted(curve) if s >= window and window_mean(curve, s, window) <= target), None)

@@ -32,7 +32,7 @@ from mnist_study.plan import (
     weights_read,
 )
 from mnist_study.record import compare_retrain, sync
-from mnist_study.report import ELASTIC_BASELINES, elastic_rows, step_times, table1
+from mnist_study.report import ELASTIC_BASELINES, elastic_rows, step_times, table1, upcycling_section
 from mnist_study.timing import training_step
 from mnist_study.training import StudyError, dcdit, train_run
 
@@ -68,6 +68,7 @@ def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record
     for claim in "abcde":
         assert f"- **({claim}) " in md
     assert (out / "elastic.png").stat().st_size > 0 and (out / "eval" / "isoflop_s0" / "grid.png").exists()
+    assert (out / "upcycling.png").stat().st_size > 0 and (record / "upcycling.png").exists()
     report = json.loads((out / "results.json").read_text())
     assert report["selection"]["cfg_scale"] in SMOKE.scales
     res = report["evaluations"]["dcdit_release_s0"]
@@ -357,6 +358,39 @@ def test_table1_reports_mean_and_sample_std_over_seeds():
     dc = next(l for l in lines if l.startswith("| DC-DiT (release-exact)"))
     assert "| 2 |" in dc and "12.0 ± 2.8" in dc and "0.920 ± 0.028" in dc and "0.0310 ± 0.0014" in dc
     assert "| 30.0 |" in next(l for l in lines if l.startswith("| DiT/2 isoparam"))
+
+
+def _write_log(folder: Path, rows: list[tuple]) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("step", "mse", "distill_loss"), *rows])
+
+
+def test_upcycling_section_reads_the_diffusion_steps_and_counts_the_from_scratch_steps(tmp_path):
+    """Closed-form curves (ε-MSE 1/s). Catches distillation rows (logged ε-MSE 0) averaged in, a window
+    off by one step, a wrong count of the from-scratch steps that reach the upcycled run's loss, and a
+    "reached" that reads the wrong side of the intervals."""
+    r = Recipe(steps=60)  # points 5, 10, 15 of 15 upcycling steps; ε-MSE window 2 steps; 6 distillation steps
+    assert (upcycle_points(r), r.upcycle_mse_window, r.distill_steps) == ([5, 10, 15], 2, 6)
+    _write_log(tmp_path / "dcdit_release_s0", [(s, 1 / s, 0) for s in range(1, 61)])
+    _write_log(tmp_path / "upcycle_s0", [(s, 1 / (s + 20), 0) for s in range(1, 16)])
+    _write_log(tmp_path / "upcycle_distill_s0", [(s, 0.0, 0.5) for s in range(1, 7)] + [(s, 1 / s, 0) for s in range(7, 16)])
+
+    def score(lo, hi):
+        return {"mnist_fid": (lo + hi) / 2, "fid_ci": (lo, hi), "class_accuracy": 0.9, "acc_ci": (0.85, 0.95), "step": 60}
+    results = {"dcdit_release_s0": score(10, 12), "upcycle_s0@step5": score(50, 60), "upcycle_s0@step10": score(11, 13),
+               "upcycle_distill_s0@step15": score(13, 14)}
+    lines = upcycling_section(results, tmp_path, r, plot=True)
+    row = {l.split(" | ")[0]: l.split(" | ") for l in lines if l.startswith("| ")}
+    assert row["| 5"][-1] == "– |" and row["| 10"][-1] == f"{(1 / 9 + 1 / 10) / 2:.4f} |"  # steps 9, 10 only
+    assert row["| 10"][6] == f"{(1 / 29 + 1 / 30) / 2:.4f}"
+    text = "\n".join(lines)
+    # upcycled: mean(1/34, 1/35) at step 15, reached from scratch at step 35; distilled: 1/14, 1/15 at step 15
+    assert "`upcycle_s0`'s ε-MSE at step 15 (0.0290) is reached from scratch at step 35 (2.3× the steps)" in text
+    assert "`upcycle_distill_s0`'s ε-MSE at step 15 (0.0690) is reached from scratch at step 15 (1.0× the steps)" in text
+    assert "`upcycle_s0` reaches the from-scratch 60-step MNIST-FID interval (overlapping or below) at step 10." in text
+    assert "`upcycle_distill_s0` reaches the from-scratch 60-step MNIST-FID interval (overlapping or below) at none of steps [15]" in text
+    assert (tmp_path / "upcycling.png").stat().st_size > 0 and "![quality against training steps](upcycling.png)" in text
 
 
 def test_a_chunk_is_claimed_by_one_live_process_at_a_time(tmp_path):
