@@ -6,8 +6,8 @@ Why: a session's machine starts empty — only the repository survives it — an
 is copied into the record as soon as it is finished, the record is committed, and a later session
 restores it into its study folder and skips what the record holds:
 
-* evaluations, the guidance selection, router analyses, timing groups, the baseline configs, the
-  report: copied back into the study folder as they are;
+* evaluations, the guidance selection, router analyses (with their pictures), timing groups, the
+  baseline configs, the report: copied back into the study folder as they are;
 * runs: their ``train_summary.json`` and ``log.csv`` (the paired ε-MSE) go to ``recorded/<run>/``
   in the study folder, which the report reads when the run's own folder has none. Weights are not
   recorded (megabytes each; the repository holds no large binaries): a task that still needs a
@@ -31,7 +31,7 @@ from .training import trained_step
 
 #: Finished files restored into the study folder as they are (paths relative to it).
 SHARED = ("selection/selection.json", "selection/*/result.json", "eval/*/result.json", "eval/*/grid.png",
-          "router/*/router_analysis.json", "timing/*.json", "configs/*.yaml", "retrains.json")
+          "router/*/router_analysis.json", "router/*/*.png", "timing/*.json", "configs/*.yaml", "retrains.json")
 #: Written by the report; recorded, never restored (the report rewrites them).
 REPORT = ("results.md", "results.json", "elastic.png", "upcycling.png")
 #: A run's recorded files (the weights are not among them).

@@ -69,6 +69,7 @@ def test_smoke_study_runs_end_to_end_and_a_later_session_resumes_from_the_record
         assert f"- **({claim}) " in md
     assert (out / "elastic.png").stat().st_size > 0 and (out / "eval" / "isoflop_s0" / "grid.png").exists()
     assert (out / "upcycling.png").stat().st_size > 0 and (record / "upcycling.png").exists()
+    assert (record / "router" / "dcdit_release_s0" / "retention_examples.png").exists()  # the pictures of (b)
     report = json.loads((out / "results.json").read_text())
     assert report["selection"]["cfg_scale"] in SMOKE.scales
     res = report["evaluations"]["dcdit_release_s0"]
