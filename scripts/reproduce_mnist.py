@@ -66,6 +66,7 @@ from mnist_study.training import StudyError, baseline_configs, run_done, train_r
 
 from dcdit.checkpoint import read_weights
 from dcdit.evaluation.router_analysis import analyze_router
+from dcdit.malloc import reuse_freed_memory
 
 DEMO = Path(str(resources.files("dcdit") / "assets" / "mnist_dcdit.safetensors"))
 
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     out, seeds = Path(args.out), sorted(set(args.seeds))
     phases = set(args.only or PHASES)
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # the evaluations' sampling: 30% less CPU time (dcdit.malloc)
     command = "python scripts/reproduce_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     demo_schedule = read_weights(DEMO)[1].model.noise_schedule
     record = Path(args.record) if args.record else None

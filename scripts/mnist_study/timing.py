@@ -35,6 +35,7 @@ import torch
 
 from dcdit.checkpoint import find_checkpoint, load_model, load_state_dict_checked, read_weights
 from dcdit.config import build_model, load_run_config
+from dcdit.malloc import applied as malloc_applied
 from dcdit.train import TrainingRun, accumulate_gradients, draw_step, optimizer_update, setup_run
 from dcdit.train_log import TrainLogger
 from dcdit.utils import atomic_write_text, cpu_info
@@ -120,7 +121,8 @@ def time_models(out: Path, task: Timing, recipe: Recipe, protocol: Protocol, dem
                     sample_secs[name].append(s)
         for run, logger in trainers.values():
             logger.close()
-    result = {"group": task.name, "cpu": cpu_info()["model"], "threads": threads, "rounds": recipe.timing_rounds, "warmup_rounds": recipe.timing_warmup,
+    result = {"group": task.name, "cpu": cpu_info()["model"], "threads": threads, "malloc_reuse": malloc_applied(),
+              "rounds": recipe.timing_rounds, "warmup_rounds": recipe.timing_warmup,
               "sampling": {"per_class": recipe.timing_per_class, "steps": recipe.timing_sampling_steps,
                            "sampler": protocol.sampler, "cfg_scale": protocol.cfg_scale},
               "baselines_from_config": [b.name for b in task.baselines],
