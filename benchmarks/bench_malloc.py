@@ -4,7 +4,7 @@
 The allocator's thresholds are process-wide and one-way, so each side runs in its own child process,
 the two alternating round by round (plain first in even rounds, tuned first in odd ones) so that load
 from other processes falls on both alike. Each child loads the shipped MNIST DC-DiT checkpoint, runs
-one warm-up, then times
+one warm-up (or ``--config``'s model with fresh weights), then times
 
 * guided sampling forwards of ``--rows`` rows (the Table-1 study's evaluation chunk: 100 samples and
   their unconditional halves) at t = 950, 750, 500, 250, 50, and
@@ -15,6 +15,7 @@ peak RSS. The sampling outputs of the two sides must be the same bit for bit (ch
 
     python benchmarks/bench_malloc.py                       # 1 thread, 3 rounds
     python benchmarks/bench_malloc.py --threads 2 --rounds 5
+    python benchmarks/bench_malloc.py --config runs/table1/configs/isoflop.yaml   # the study's isoflop DiT/2
 """
 
 from __future__ import annotations
@@ -60,12 +61,19 @@ def measure(fn, calls: int) -> dict:
 def worker(args) -> dict:
     """One side: the measurements of one child process (printed as JSON)."""
     from dcdit.checkpoint import load_model
+    from dcdit.config import build_model, load_run_config
     from dcdit.diffusion import create_diffusion
     from dcdit.malloc import reuse_freed_memory
+    from dcdit.models.interface import predict_guided
 
     applied = reuse_freed_memory() if args.worker == "tuned" else False
     torch.set_num_threads(args.threads)
-    model, cfg, _ = load_model(DEMO)
+    if args.config:  # a config's model with fresh weights (a DiT's time does not depend on its weights)
+        torch.manual_seed(0)
+        cfg = load_run_config(args.config)
+        model = build_model(cfg.model)
+    else:
+        model, cfg, _ = load_model(DEMO)
     g = torch.Generator().manual_seed(0)
     n = args.rows // 2
     x = torch.randn(n, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size, generator=g)
@@ -75,7 +83,7 @@ def worker(args) -> dict:
 
     def sample(i: int) -> None:
         with torch.inference_mode():
-            out, _ = model.eval().forward_with_cfg(xx, torch.full((2 * n,), TIMESTEPS[i % len(TIMESTEPS)]), yy, 2.0)
+            out, _ = predict_guided(model.eval(), xx, torch.full((2 * n,), TIMESTEPS[i % len(TIMESTEPS)]), yy, 2.0)
         digest.update(out.numpy().tobytes())
 
     diffusion = create_diffusion(timestep_respacing="", noise_schedule=cfg.model.noise_schedule)
@@ -103,6 +111,7 @@ def worker(args) -> dict:
 def child(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--threads", str(args.threads), "--rows", str(args.rows),
            "--forwards", str(args.forwards), "--batch", str(args.batch), "--train-steps", str(args.train_steps)]
+    cmd += ["--config", args.config] if args.config else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "DCDIT_MALLOC": ""})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -115,6 +124,8 @@ def main() -> int:
     ap.add_argument("--forwards", type=int, default=5, help="timed sampling forwards per child")
     ap.add_argument("--batch", type=int, default=32, help="training batch")
     ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per child")
+    ap.add_argument("--config", default=None, help="time this YAML config's model with fresh weights instead of the "
+                                                   "shipped MNIST DC-DiT (e.g. a DiT/2 baseline from `dcdit baselines`)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", choices=["plain", "tuned"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
