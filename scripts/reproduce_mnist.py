@@ -23,11 +23,11 @@ from there, training a recorded run again only as far as a task still needs its 
 
 Cost on the 2-core CPU (1 thread per process, two processes with disjoint ``--runs`` / ``--only``):
 dcdit_release ~0.7 steps/s (~75 min a run), isoparam ~1.6 steps/s; an evaluation (500 samples,
-DDPM 50, guided) ~18 min with glibc's allocator defaults, ~8 min on two processes sharing its chunks
-since ``dcdit.malloc`` (150–170 s a chunk of 100 samples); the guidance selection ~20 min. The whole
-study ≈ 14 h before ``dcdit.malloc``, more than one working session: hence the record. Two invocations may share a folder with disjoint ``--only``
-phases or ``--runs`` patterns (two 1-thread processes, ``--threads 1``, gave ~1.2× the throughput of
-one 2-thread process); a run asked of both is refused by the second (``dcdit train`` locks its run
+DDPM 50, guided) ~18 min with glibc's allocator defaults, 8–12 min on two processes sharing its
+chunks since ``dcdit.malloc`` (150–230 s a chunk of 100 samples); the guidance selection ~20 min.
+The whole study ≈ 14 h before ``dcdit.malloc``, more than one working session: hence the record.
+Two invocations may share a folder with disjoint ``--only`` phases or ``--runs`` patterns (two
+1-thread processes, ``--threads 1``, gave ~1.2× the throughput of one 2-thread process); a run asked of both is refused by the second (``dcdit train`` locks its run
 folder: ``dcdit.run_lock``), while an evaluation asked of both is split by its chunks, each claimed
 by one process (``evaluation.claim``).
 """
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     out, seeds = Path(args.out), sorted(set(args.seeds))
     phases = set(args.only or PHASES)
     torch.set_num_threads(args.threads)
-    reuse_freed_memory()  # the evaluations' sampling: 30% less CPU time (dcdit.malloc)
+    reuse_freed_memory()  # the evaluations: a third less CPU time per sampling forward (dcdit.malloc)
     command = "python scripts/reproduce_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     demo_schedule = read_weights(DEMO)[1].model.noise_schedule
     record = Path(args.record) if args.record else None

@@ -3,13 +3,13 @@
 PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its mmap threshold (128 KiB,
 raised adaptively up to 32 MiB) with a fresh ``mmap`` and returns it with ``munmap`` on free, and it
 trims the heap's free top back to the kernel above the trim threshold. Either way the next tensor of
-that size starts on pages the kernel must fault in and zero again. A guided sampling forward of the
-Table-1 study's DC-DiT (an evaluation chunk: 200 rows of 1,024 tokens, D 96, 1 thread) allocates
-78 MB activations over and over: it took 0.9 M minor page faults and 3.3 s of system time per
-forward against 6.6 s of compute. With both thresholds raised, 23 k faults and 0.06 s: the forward's
-CPU time fell by 30% and its peak RSS rose from 1.52 to 2.08 GB (freed blocks stay reserved;
-docs/benchmarks.md, *CPU memory allocator*; ``benchmarks/bench_malloc.py``). A training step at batch
-32 allocates smaller blocks and barely changes (12 k → 0.4 k faults, sys 0.05 → 0 s per step).
+that size starts on pages the kernel must fault in and zero again. A guided sampling forward of
+200 rows (the Table-1 study's evaluation chunk: 1,024 tokens each, D 96, 1 thread) allocates 78 MB
+activations over and over: ``benchmarks/bench_malloc.py`` measured 770 k minor page faults and 2.7 s
+of system time per forward beside 5.2 s of compute; with both thresholds raised, 37 k faults and
+0.08 s, 0.69× the wall time, and 1.21× the process's peak RSS (1.58 → 1.92 GB: freed blocks stay
+reserved). The isoflop DiT/2 gains less (0.76×). A training step at batch 32 allocates blocks glibc
+already reuses and does not change (docs/benchmarks.md, *CPU memory allocator*).
 
 The ``dcdit`` command and ``scripts/reproduce_mnist.py`` call :func:`reuse_freed_memory` first;
 ``DCDIT_MALLOC=default`` keeps glibc's own behaviour. In your own scripts call it once, early.
