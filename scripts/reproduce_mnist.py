@@ -41,7 +41,6 @@ import json
 import shlex
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,11 +64,11 @@ from mnist_study.report import write_report
 from mnist_study.timing import time_models
 from mnist_study.training import StudyError, baseline_configs, run_done, train_run, trained_step
 
+from dcdit import DEMO_CHECKPOINT
 from dcdit.checkpoint import read_weights
 from dcdit.evaluation.router_analysis import analyze_router
 from dcdit.malloc import reuse_freed_memory
 
-DEMO = Path(str(resources.files("dcdit") / "assets" / "mnist_dcdit.safetensors"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +104,7 @@ def finished_routers(out: Path, plan: list) -> dict[str, dict]:
 def checkpoint(out: Path, run: str, step: int | None, steps_of: dict[str, int]) -> Path | None:
     """The weights an evaluation reads, or None while they are not trained yet."""
     if run == "demo":
-        return DEMO
+        return DEMO_CHECKPOINT
     if step is not None:
         folder = out / run / "checkpoints" / f"{step:07d}"
         return folder if folder.exists() else None
@@ -134,9 +133,9 @@ def execute(out: Path, task, recipe: Recipe, steps_of: dict, state: dict, thread
         if state["selection"] is None or waiting:
             print(f"[timing] waits for {', '.join(waiting) or 'the guidance scale'}", flush=True)
             return
-        time_models(out, task, recipe, protocol(recipe, state["selection"]["cfg_scale"]), DEMO, threads)
+        time_models(out, task, recipe, protocol(recipe, state["selection"]["cfg_scale"]), DEMO_CHECKPOINT, threads)
     else:  # ("scale", None)
-        state["selection"] = select_guidance(out, DEMO, recipe, threads)
+        state["selection"] = select_guidance(out, DEMO_CHECKPOINT, recipe, threads)
 
 
 def task_done(out: Path, task, steps_of: dict[str, int]) -> bool:
@@ -196,13 +195,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # the evaluations: a third less CPU time per sampling forward (dcdit.malloc)
     command = "python scripts/reproduce_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    demo_schedule = read_weights(DEMO)[1].model.noise_schedule
+    demo_schedule = read_weights(DEMO_CHECKPOINT)[1].model.noise_schedule
     record = Path(args.record) if args.record else None
     if record is not None and record.exists():
         print(f"restored {restore(record, out)} finished file(s) from the record {record}", flush=True)
     try:
         baseline_configs(out, recipe, args.threads)
-        plan = tasks(out, recipe, seeds, DEMO, demo_schedule)
+        plan = tasks(out, recipe, seeds, DEMO_CHECKPOINT, demo_schedule)
         runs = [t.name for t in plan if isinstance(t, Run)]
         steps_of = {t.name: t.steps for t in plan if isinstance(t, Run)}
         report = {"recipe": recipe, "seeds": seeds, "command": command, "train_runs": runs,
