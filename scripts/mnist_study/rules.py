@@ -128,18 +128,27 @@ def verdict_c(retention: dict[str, list[dict]]) -> Verdict:
                            "compression at t >= 750 ÷ at t <= 250")
 
 
-def verdict_d(learned: dict | None, random: dict | None) -> Verdict:
-    """(d) The learned router beats the random one (seed 0, same steps and batches): holds when the
-    learned DC-DiT's MNIST-FID interval lies below the random router's, does not hold when above,
-    undecided when they overlap or the learned model does not draw digits."""
-    if learned is None or random is None:
-        return Verdict("d", "undecided", "dcdit_release_s0 and random_s0 are not both evaluated yet")
-    if learned["class_accuracy"] < DRAWS_DIGITS:
-        return Verdict("d", "undecided", f"the learned-router DC-DiT does not draw digits (class accuracy < {DRAWS_DIGITS})")
-    o = ci_order(learned, random)
-    detail = f"learned {_fid(learned)}, random {_fid(random)}"
-    outcome = {"below": "holds", "above": "does not hold", "overlap": "undecided"}[o]
-    return Verdict("d", outcome, ("intervals overlap: " if o == "overlap" else "") + detail)
+def verdict_d(per_seed: dict[int, tuple[dict | None, dict | None]]) -> Verdict:
+    """(d) The learned router beats the random one. ``per_seed[seed]``: (the learned DC-DiT's score,
+    the random router's), same steps and batches. Per seed, learned is better (worse) when its MNIST-FID
+    interval lies below (above) the random router's. Holds: better on every seed evaluated; does not
+    hold: worse on every one; otherwise (overlaps, seeds that disagree) undecided, and undecided when a
+    learned model does not draw digits."""
+    seeds = sorted(s for s, (learned, rnd) in per_seed.items() if learned is not None and rnd is not None)
+    if not seeds:
+        return Verdict("d", "undecided", "no seed has both dcdit_release and random evaluated yet")
+    blind = [s for s in seeds if per_seed[s][0]["class_accuracy"] < DRAWS_DIGITS]
+    if blind:
+        return Verdict("d", "undecided", f"the learned-router DC-DiT of seed(s) {blind} does not draw digits "
+                                         f"(class accuracy < {DRAWS_DIGITS})")
+    order = [ci_order(*per_seed[s]) for s in seeds]
+    detail = "; ".join(f"seed {s}: learned {_fid(per_seed[s][0])}, random {_fid(per_seed[s][1])}" for s in seeds)
+    n = f"{len(seeds)} seed(s)"
+    if all(o == "below" for o in order):
+        return Verdict("d", "holds", f"MNIST-FID interval below the random router's on all {n} ({detail})")
+    if all(o == "above" for o in order):
+        return Verdict("d", "does not hold", f"MNIST-FID interval above the random router's on all {n} ({detail})")
+    return Verdict("d", "undecided", f"intervals overlap or seeds disagree ({order}; 'below' = learned better) ({detail})")
 
 
 def verdict_e(curve: dict[float, dict], model: str) -> Verdict:

@@ -25,6 +25,7 @@ from mnist_study.plan import (
     TIMING_GROUPS,
     Evaluation,
     Recipe,
+    RouterAnalysis,
     Run,
     Timing,
     tasks,
@@ -266,6 +267,10 @@ def test_the_plan_trains_seed_0_of_the_main_three_first_and_the_cosine_router_la
     assert plan[0] == ("scale", None)
     assert runs[:3] == ["dcdit_release_s0", "isoparam_s0", "isoflop_s0"] and runs[-1] == "dcdit_cosine_s0"
     assert runs.index("isoflop_s2") < runs.index("random_s0")
+    rnd = {t.name: t for t in plan if isinstance(t, Run) and t.phase == "random"}  # claim (d) on every seed, same batches
+    assert sorted(rnd) == ["random_s0", "random_s1", "random_s2"]
+    assert all({f"train.seed={k}", "model.router=random"} <= set(rnd[f"random_s{k}"].overrides) for k in range(3))
+    assert [t.run for t in plan if isinstance(t, RouterAnalysis) and t.run.startswith("random")] == ["random_s0"]
     evals = [t.name for t in plan if isinstance(t, Evaluation)]
     assert evals.index("dcdit_release_s0@tail0.25") < evals.index("isoparam_s1")  # elastic evidence before the other seeds
     r = Recipe()
@@ -334,10 +339,15 @@ def test_verdicts_b_and_c_on_router_tables():
 
 
 def test_verdict_d():
-    assert rules.verdict_d(score(10, 8, 12), score(30, 27, 33)).outcome == "holds"
-    assert rules.verdict_d(score(30, 27, 33), score(10, 8, 12)).outcome == "does not hold"
-    assert rules.verdict_d(score(10, 8, 12), score(11, 9, 14)).outcome == "undecided"
-    assert rules.verdict_d(score(10, 8, 12), None).outcome == "undecided"
+    good, bad, near = score(10, 8, 12), score(30, 27, 33), score(11, 9, 14)
+    assert rules.verdict_d({0: (good, bad)}).outcome == "holds"
+    assert rules.verdict_d({0: (bad, good)}).outcome == "does not hold"
+    assert rules.verdict_d({0: (good, near)}).outcome == "undecided"
+    assert rules.verdict_d({0: (good, bad), 1: (bad, good)}).outcome == "undecided"  # seeds disagree
+    assert rules.verdict_d({0: (bad, good), 1: (bad, good)}).outcome == "does not hold"
+    assert rules.verdict_d({0: (good, bad), 1: (good, None)}).outcome == "holds"  # seed 1 not evaluated yet
+    assert rules.verdict_d({0: (good, None)}).outcome == "undecided"
+    assert rules.verdict_d({0: (score(10, 8, 12, 0.2), bad)}).outcome == "undecided"  # learned draws no digits
 
 
 def test_verdict_e():
@@ -354,11 +364,13 @@ def test_table1_reports_mean_and_sample_std_over_seeds():
     """Catches a population std (ddof 0) or a mean over the wrong rows."""
     def res(fid, acc):
         return {"params": 820_000, "gflops_per_image": 11.0, "mnist_fid": fid, "class_accuracy": acc, "mnist_is": 8.0}
-    results = {"dcdit_release_s0": res(10.0, 0.90), "dcdit_release_s1": res(14.0, 0.94), "isoparam_s0": res(30.0, 0.5)}
+    results = {"dcdit_release_s0": res(10.0, 0.90), "dcdit_release_s1": res(14.0, 0.94), "isoparam_s0": res(30.0, 0.5),
+               "random_s0": res(9.0, 0.91), "random_s1": res(12.0, 0.93), "random_s2": res(99.0, 0.1)}
     lines = table1(results, {"dcdit_release_s0": 0.030, "dcdit_release_s1": 0.032}, [0, 1])
     dc = next(l for l in lines if l.startswith("| DC-DiT (release-exact)"))
     assert "| 2 |" in dc and "12.0 ± 2.8" in dc and "0.920 ± 0.028" in dc and "0.0310 ± 0.0014" in dc
     assert "| 30.0 |" in next(l for l in lines if l.startswith("| DiT/2 isoparam"))
+    assert "| 2 |" in (rnd := next(l for l in lines if l.startswith("| DC-DiT, random router"))) and "10.5 ± 2.1" in rnd  # seeds asked only
 
 
 def _write_log(folder: Path, rows: list[tuple]) -> None:
