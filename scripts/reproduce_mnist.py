@@ -22,14 +22,16 @@ from there, training a recorded run again only as far as a task still needs its 
 (``record.py``). The project's record, committed session by session, is ``docs/results/table1``.
 
 Cost on the 2-core CPU (1 thread per process, two processes with disjoint ``--runs`` / ``--only``):
-dcdit_release ~0.7 steps/s (~75 min a run), isoparam ~1.6 steps/s; an evaluation (500 samples,
-DDPM 50, guided) ~18 min with glibc's allocator defaults, 8–12 min on two processes sharing its
-chunks since ``dcdit.malloc`` (150–230 s a chunk of 100 samples); the guidance selection ~20 min.
-The whole study ≈ 14 h before ``dcdit.malloc``, more than one working session: hence the record.
-Two invocations may share a folder with disjoint ``--only`` phases or ``--runs`` patterns (two
-1-thread processes, ``--threads 1``, gave ~1.2× the throughput of one 2-thread process); a run asked of both is refused by the second (``dcdit train`` locks its run
-folder: ``dcdit.run_lock``), while an evaluation asked of both is split by its chunks, each claimed
-by one process (``evaluation.claim``).
+dcdit_release 0.45–0.7 steps/s (75–110 min a run: the host's speed varied between sessions), the
+isoparam DiT/2 0.6–0.9 steps/s alongside it; an evaluation (500 samples, DDPM 50, guided) ~18 min
+with glibc's allocator defaults, 8–12 min on two processes sharing its chunks since
+``dcdit.malloc`` (150–230 s a chunk of 100 samples); the guidance selection ~20 min. The whole
+study (with the random router on every seed) is ≈ 17 process-hours, several working sessions: hence
+the record. Two invocations may share a folder with disjoint ``--only`` phases or ``--runs``
+patterns (two 1-thread processes, ``--threads 1``, gave ~1.2× the throughput of one 2-thread
+process); a run asked of both is refused by the second (``dcdit train`` locks its run folder:
+``dcdit.run_lock``), while an evaluation asked of both is split by its chunks, each claimed by one
+process (``evaluation.claim``).
 """
 
 from __future__ import annotations
